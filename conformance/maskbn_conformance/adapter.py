@@ -1,0 +1,142 @@
+"""The adapter protocol: what a backend must provide for the harness to run it.
+
+Adapters are thin. NumPy goes in, NumPy comes out, and an adapter never
+asserts anything: every comparison belongs to the harness. A backend is found
+through the ``maskbn.backends`` entry-point group, whose value points at a
+class implementing :class:`Backend`; the class is instantiated with no
+arguments, after which ``backend.layer(config)`` builds one layer instance.
+
+Dtypes travel as names, never as NumPy dtypes, because NumPy has no bfloat16:
+``x`` arrives as a float32 array whose values are exactly representable in
+``x_dtype`` (the harness rounds them first), and the adapter converts it to the
+framework's native dtype of that name. Outputs come back as float32/float64
+arrays together with the framework dtype's name.
+
+Names of state entries are neutral (``gamma``, ``beta``, ``moving_mean``,
+``moving_var``); the adapter translates to its framework's weight names.
+``decay`` is neutral too: the adapter translates it to its framework's
+``momentum`` convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+ENTRY_POINT_GROUP = "maskbn.backends"
+
+#: dtype names a backend may be asked to run in.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: dtype names the harness may hand to ``forward`` as ``x_dtype`` (bad-input
+#: cases pass integer tensors on purpose).
+X_DTYPES = FLOAT_DTYPES + ("int32", "int64")
+#: state keys, in a stable order
+STATE_KEYS = ("gamma", "beta", "moving_mean", "moving_var")
+
+
+class Unsupported(Exception):
+    """Raised by an adapter for a feature or dtype its framework cannot run.
+
+    The harness turns it into a visible skip carrying ``str(exc)`` as reason.
+    """
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A layer's configuration in the spec's neutral terms."""
+
+    channels: int
+    #: channel axis of ``x`` (negative counts from the end)
+    axis: int
+    #: rank of the inputs the layer will see (Keras builds from a shape)
+    rank: int
+    #: moving = decay * moving + (1 - decay) * batch
+    decay: float
+    epsilon: float
+    center: bool
+    scale: bool
+    #: "normalize" (padded rows normalized like real ones) or "zero"
+    padded_output: str
+    #: the run dtype: the dtype of ``x``; the layer keeps float32 state
+    #: unless this is float64
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Output:
+    """A framework tensor brought back to NumPy, with its framework dtype name."""
+
+    value: np.ndarray
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """Gradients of ``loss = sum(y * dy)`` with respect to x, gamma and beta.
+
+    ``gamma`` / ``beta`` are None when the layer has no such weight.
+    """
+
+    x: Output
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """One stateful layer instance of a backend."""
+
+    def forward(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, training: bool) -> Output:
+        """One call of the layer. ``mask`` keeps its NumPy dtype (bool, int, or a
+        float on purpose in bad-input cases) and is passed on as is; None means
+        no mask argument at all. Framework errors must propagate unchanged."""
+
+    def forward_backward(
+        self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray
+    ) -> tuple[Output, Gradients]:
+        """A training call followed by the backward pass of sum(y * dy).
+
+        ``dy`` is float32 holding values exact in ``x_dtype``; convert it like x.
+        The moving stats update exactly as in ``forward(..., training=True)``."""
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Current weights and moving stats under neutral names, in the dtype
+        the layer stores them in (float32, or float64 for a float64 layer).
+        Keys whose weight does not exist (center/scale off) are absent."""
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Overwrite weights and moving stats (neutral names; a subset is fine)."""
+
+    def round_trip(self, directory: Path) -> Layer:
+        """Serialize this layer (config + state) through the framework's own
+        format into ``directory`` and return a freshly loaded layer."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A framework's entry point into the harness."""
+
+    #: short name, used in test ids (``torch``, ``tf``, ``jax``)
+    name: str
+
+    def layer(self, config: LayerConfig) -> Layer:
+        """Build a masked batch norm layer; raise Unsupported for a dtype or
+        option the framework cannot run."""
+
+    def stock_layer(self, config: LayerConfig) -> Layer:
+        """The framework's own unmasked batch norm with the same config, used
+        for parity cases; it is only ever called with ``mask=None``. Raise
+        Unsupported where the framework has none."""
+
+    def expectations_path(self) -> Path | None:
+        """The YAML file of this backend's expected skips/xfails/tolerance
+        overrides (see spec/README.md), or None when it has none."""
+
+
+def float32_of(x: np.ndarray) -> np.ndarray:
+    """Convenience for adapters: a contiguous float32 (or float64) copy."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x if x.dtype == np.float64 else x.astype(np.float32))
