@@ -1,0 +1,102 @@
+"""``flax.linen`` module: a drop-in replacement for ``nn.BatchNorm`` with masked statistics.
+
+Same attributes, variables (``params``: ``scale``, ``bias``; ``batch_stats``:
+``mean``, ``var``) and call signature
+(``__call__(x, use_running_average=None, *, mask=None)``) as
+``flax.linen.BatchNorm``, so swapping it in is a one-line change and existing
+``batch_stats`` checkpoints load unchanged. Requires Flax.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ._core import channel_axis, channel_mismatch, masked_batch_norm
+
+__all__ = ["MaskedBatchNorm"]
+
+
+class MaskedBatchNorm(nn.Module):
+    """Batch norm over the real (``mask != 0``) rows only; ``flax.linen.BatchNorm`` conventions.
+
+    Attributes:
+      use_running_average: True normalizes with the moving stats (eval);
+        merged with the call argument as in ``nn.BatchNorm``.
+      axis: the channel axis.
+      momentum: decay of the moving stats (0.99).
+      epsilon: added to the variance.
+      dtype: output dtype; None (default) keeps the input's dtype (statistics
+        and arithmetic run in float32 for float16/bfloat16 input).
+      param_dtype: dtype of ``scale``/``bias``; the moving stats are float32,
+        or float64 when ``param_dtype`` is float64.
+      use_bias, use_scale: create ``bias`` / ``scale``.
+      bias_init, scale_init: initializers (zeros, ones).
+      axis_name, axis_index_groups: merge the statistics over a mapped axis
+        (``shard_map``/``pmap``) with count weights; not used while
+        initializing, as in ``nn.BatchNorm``.
+      padded_output: ``"normalize"`` or ``"zero"`` (padded rows of y exactly 0).
+
+    As in ``nn.BatchNorm``, the moving stats are not updated during ``init``.
+    """
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: tp.Any = None
+    param_dtype: tp.Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: tp.Callable = nn.initializers.zeros
+    scale_init: tp.Callable = nn.initializers.ones
+    axis_name: tp.Any = None
+    axis_index_groups: tp.Any = None
+    padded_output: str = "normalize"
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Normalize ``x``; with ``use_running_average=False`` update ``batch_stats``
+        (make the collection mutable) from the real rows.
+
+        ``mask``: bool/int, ``x.shape`` without the channel axis (or with it set
+        to 1); None means every row is real.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = jnp.asarray(x)
+        axis = channel_axis(x.shape, self.axis)
+        shape = (x.shape[axis],)
+        stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
+        state = {"mean": ra_mean.value, "var": ra_var.value}
+        if state["mean"].shape != shape:
+            # the contract's message, before Flax's own param shape check fires
+            raise channel_mismatch(x.shape, axis, "batch_stats['mean']", state["mean"].shape)
+        params = {}
+        if self.use_scale:
+            params["scale"] = self.param("scale", self.scale_init, shape, self.param_dtype)
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, shape, self.param_dtype)
+        initializing = self.is_initializing()
+        y, new = masked_batch_norm(
+            x,
+            mask,
+            params,
+            state,
+            training=not use_running_average,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            padded_output=self.padded_output,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+        )
+        if not use_running_average and not initializing:
+            ra_mean.value = new["mean"]
+            ra_var.value = new["var"]
+        return y if self.dtype is None else y.astype(self.dtype)

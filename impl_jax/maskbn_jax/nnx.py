@@ -1,0 +1,133 @@
+"""``flax.nnx`` module: a drop-in replacement for ``nnx.BatchNorm`` with masked statistics.
+
+Same constructor arguments, variables (``scale``, ``bias`` as ``nnx.Param``;
+``mean``, ``var`` as ``nnx.BatchStat``) and call signature
+(``__call__(x, use_running_average=None, *, mask=None)``) as
+``flax.nnx.BatchNorm``, so swapping it in is a one-line change and
+``model.train()`` / ``model.eval()`` / ``nnx.view`` keep working. Requires Flax.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ._core import PADDED_OUTPUTS, masked_batch_norm
+
+__all__ = ["MaskedBatchNorm"]
+
+
+class MaskedBatchNorm(nnx.Module):
+    """Batch norm over the real (``mask != 0``) rows only; ``flax.nnx.BatchNorm`` conventions.
+
+    Args:
+      num_features: number of channels.
+      use_running_average: True normalizes with the moving stats (eval);
+        overridden by the call argument. ``train()``/``eval()`` set it.
+      axis: the channel axis.
+      momentum: decay of the moving stats (Flax convention, 0.99).
+      epsilon: added to the variance.
+      dtype: output dtype; None (default) keeps the input's dtype. Unlike
+        ``nnx.BatchNorm``, a float16/bfloat16 input is not promoted to float32
+        by the float32 params: statistics and arithmetic run in float32 and the
+        output is cast back.
+      param_dtype: dtype of ``scale``/``bias``; the moving stats are float32, or
+        float64 when ``param_dtype`` is float64.
+      use_bias, use_scale: create ``bias`` / ``scale`` (None otherwise).
+      bias_init, scale_init: initializers (zeros, ones).
+      axis_name, axis_index_groups: merge the statistics over a mapped axis
+        (``shard_map``/``pmap``) with count weights.
+      padded_output: ``"normalize"`` or ``"zero"`` (padded rows of y exactly 0).
+      rngs: ``nnx.Rngs`` for the initializers; may be omitted with the default
+        (constant) initializers.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: tp.Any = None,
+        param_dtype: tp.Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: tp.Callable = nnx.initializers.zeros_init(),
+        scale_init: tp.Callable = nnx.initializers.ones_init(),
+        axis_name: tp.Any = None,
+        axis_index_groups: tp.Any = None,
+        padded_output: str = "normalize",
+        rngs: nnx.Rngs | None = None,
+    ):
+        if padded_output not in PADDED_OUTPUTS:
+            raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
+        shape = (num_features,)
+        stats_dtype = jnp.promote_types(param_dtype, jnp.float32)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, stats_dtype))
+        self.var = nnx.BatchStat(jnp.ones(shape, stats_dtype))
+
+        def key():
+            # the default initializers are constants and ignore the key
+            return rngs.params() if rngs is not None else jax.random.key(0)
+
+        self.scale = nnx.Param(scale_init(key(), shape, param_dtype)) if use_scale else nnx.data(None)
+        self.bias = nnx.Param(bias_init(key(), shape, param_dtype)) if use_bias else nnx.data(None)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.padded_output = padded_output
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Normalize ``x``; in training mode update ``mean``/``var`` from the real rows.
+
+        ``mask``: bool/int, ``x.shape`` without the channel axis (or with it set
+        to 1); None means every row is real.
+        """
+        use_running_average = (
+            use_running_average if use_running_average is not None else self.use_running_average
+        )
+        if use_running_average is None:
+            raise ValueError(
+                "No use_running_average given: pass it to the constructor or the call, or use train()/eval()"
+            )
+        params = {}
+        if self.scale is not None:
+            params["scale"] = self.scale[...]
+        if self.bias is not None:
+            params["bias"] = self.bias[...]
+        y, new = masked_batch_norm(
+            x,
+            mask,
+            params,
+            {"mean": self.mean[...], "var": self.var[...]},
+            training=not use_running_average,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            padded_output=self.padded_output,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        if not use_running_average:
+            # the moving stats are state, not part of what a loss differentiates
+            self.mean[...] = jax.lax.stop_gradient(new["mean"])
+            self.var[...] = jax.lax.stop_gradient(new["var"])
+        return y if self.dtype is None else y.astype(self.dtype)
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view``, as for ``nnx.BatchNorm``."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
