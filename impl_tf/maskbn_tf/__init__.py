@@ -1,0 +1,9 @@
+"""maskbn_tf: masked batch normalization for Keras 3 (tested on the TensorFlow backend).
+
+Batch statistics come only from the real (mask != 0) rows of a padded batch.
+"""
+
+from maskbn_tf.layer import MaskedBatchNormalization
+
+__all__ = ["MaskedBatchNormalization"]
+__version__ = "0.1.0"
