@@ -1,0 +1,212 @@
+"""``python -m maskbn_conformance``: lint the spec, run it, and report the matrix.
+
+lint                 validate every case file against the schema and the lint rules
+report               run every case on every installed backend; print the
+                     case x backend matrix and write it as Markdown and JSON
+run                  run one case (or a few) on one backend and print every check
+list                 list cases, invariants and installed backends
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .harness import LoadedBackend, checks_for, installed_backends, load_backend, run_check, unused_expectations
+from .invariants import Runs
+from .spec import Spec, SpecError, find_spec_root
+
+STATUSES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+_BAD = ("failed", "error", "xpassed")
+
+
+def _spec(args) -> Spec:
+    return Spec(Path(args.spec).resolve() if args.spec else find_spec_root())
+
+
+def cmd_lint(args) -> int:
+    spec = _spec(args)
+    try:
+        cases = spec.cases
+    except SpecError as exc:
+        print(f"spec lint failed ({spec.root}):\n{exc}", file=sys.stderr)
+        return 1
+    files = len(spec.case_files())
+    print(f"spec ok: {len(cases)} cases in {files} files, {len(spec.invariants)} invariants ({spec.root})")
+    return 0
+
+
+def _backends(names: list[str]) -> list[LoadedBackend]:
+    return [load_backend(name) for name in (names or list(installed_backends()))]
+
+
+def _run_backend(spec: Spec, loaded: LoadedBackend, cases, verbose: bool) -> dict:
+    """Every check of ``cases`` on one backend: {case id: Counter}, plus problem lines."""
+    runs = Runs()
+    per_case: dict[str, Counter] = {}
+    problems: list[str] = []
+    for check in checks_for(spec, loaded.name, cases):
+        outcome = run_check(check, loaded, spec, runs)
+        per_case.setdefault(check.case.id, Counter())[outcome.status] += 1
+        if outcome.status in _BAD or (verbose and outcome.status != "passed"):
+            problems.append(f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  "))
+        elif outcome.status in ("skipped", "xfailed"):
+            problems.append(f"{outcome.status} {check.id}: {outcome.message.splitlines()[0][:200]}")
+    for entry in unused_expectations(loaded, checks_for(spec, loaded.name)):
+        problems.append(f"FAILED {loaded.name}-expectations-all-used: {entry.label()} matches no test")
+        per_case.setdefault("(expectations)", Counter())["failed"] += 1
+    return {"cases": per_case, "problems": problems}
+
+
+def _cell(counter: Counter | None) -> str:
+    if not counter:
+        return "-"
+    total = sum(counter.values())
+    bad = sum(counter[s] for s in _BAD)
+    if bad:
+        return f"FAIL {bad}/{total}"
+    extra = ", ".join(f"{counter[s]} {s}" for s in ("skipped", "xfailed") if counter[s])
+    return f"pass {counter['passed']}/{total}" + (f" ({extra})" if extra else "")
+
+
+def cmd_report(args) -> int:
+    spec = _spec(args)
+    try:
+        cases = spec.cases
+    except SpecError as exc:
+        print(f"spec lint failed:\n{exc}", file=sys.stderr)
+        return 1
+    backends = _backends(args.backend)
+    results: dict[str, dict] = {}
+    totals: Counter = Counter()
+    started = time.perf_counter()
+    for loaded in backends:
+        if loaded.backend is None:
+            results[loaded.name] = {"error": loaded.error, "cases": {}, "problems": [loaded.error]}
+            totals["error"] += 1
+            continue
+        t0 = time.perf_counter()
+        results[loaded.name] = _run_backend(spec, loaded, cases, args.verbose)
+        results[loaded.name]["seconds"] = round(time.perf_counter() - t0, 1)
+        for counter in results[loaded.name]["cases"].values():
+            totals.update(counter)
+
+    names = [b.name for b in backends]
+    header = "| case | " + " | ".join(names) + " |"
+    lines = [header, "|" + "---|" * (len(names) + 1)]
+    for case in cases:
+        cells = [_cell(results[n]["cases"].get(case.id)) for n in names]
+        lines.append(f"| `{case.id}` | " + " | ".join(cells) + " |")
+    summary_cells = []
+    for n in names:
+        if results[n].get("error"):
+            summary_cells.append("NOT LOADED")
+            continue
+        c = Counter()
+        for counter in results[n]["cases"].values():
+            c.update(counter)
+        summary_cells.append(_cell(c))
+    lines.append("| **all** | " + " | ".join(summary_cells) + " |")
+    matrix = "\n".join(lines)
+
+    problems = [p for n in names for p in results[n]["problems"]]
+    print(matrix)
+    if problems:
+        print("\nnot passing (reasons):")
+        for p in problems:
+            print("  " + p.replace("\n", "\n  "))
+    elapsed = time.perf_counter() - started
+    closing = ", ".join(f"{totals[s]} {s}" for s in ("passed", "failed", "skipped", "xfailed", "xpassed", "error"))
+    print(f"\nconformance: {closing} in {elapsed:.1f}s")
+    # the plain closing line CI reads
+    print(
+        f"{totals['passed'] + totals['xfailed']} passed, {sum(totals[s] for s in _BAD)} failed, {totals['skipped']} skipped"
+    )
+
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        md = ["# maskbn conformance matrix", "", f"spec: {len(cases)} cases; backends: {', '.join(names)}", "", matrix]
+        if problems:
+            md += ["", "## Not passing", "", "```", *problems, "```"]
+        (out / "conformance.md").write_text("\n".join(md) + "\n")
+        payload = {
+            "backends": {
+                n: {
+                    "error": results[n].get("error"),
+                    "seconds": results[n].get("seconds"),
+                    "cases": {cid: dict(counter) for cid, counter in results[n]["cases"].items()},
+                    "problems": results[n]["problems"],
+                }
+                for n in names
+            },
+            "totals": dict(totals),
+        }
+        (out / "conformance.json").write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {out / 'conformance.md'} and {out / 'conformance.json'}")
+    return 1 if any(totals[s] for s in _BAD) else 0
+
+
+def cmd_run(args) -> int:
+    spec = _spec(args)
+    loaded = load_backend(args.backend)
+    if loaded.backend is None:
+        print(loaded.error, file=sys.stderr)
+        return 2
+    cases = [spec.case(cid) for cid in args.case] if args.case else spec.cases
+    runs = Runs()
+    bad = 0
+    for check in checks_for(spec, loaded.name, cases):
+        if args.dtype and check.dtype not in args.dtype:
+            continue
+        if args.invariant and check.invariant not in args.invariant:
+            continue
+        outcome = run_check(check, loaded, spec, runs)
+        bad += outcome.status in _BAD
+        print(f"{outcome.status:8} {check.id}")
+        if outcome.message:
+            print("         " + outcome.message.replace("\n", "\n         "))
+    return 1 if bad else 0
+
+
+def cmd_list(args) -> int:
+    spec = _spec(args)
+    print("backends installed:", ", ".join(installed_backends()) or "none")
+    print(f"\ninvariants ({len(spec.invariants)}):")
+    for name, meaning in spec.invariants.items():
+        print(f"  {name}: {meaning}")
+    print(f"\ncases ({len(spec.cases)}):")
+    for case in spec.cases:
+        print(f"  {case.id:40} {case.file.name:22} {case.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m maskbn_conformance",
+        description="The maskbn conformance harness: one YAML spec of masked batch norm behaviour, "
+        "run against every installed backend (entry-point group maskbn.backends).",
+    )
+    parser.add_argument("--spec", help="the spec folder (default: $MASKBN_SPEC or the nearest ./spec)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("lint", help="validate spec/cases/*.yaml against spec/schema.json and the lint rules")
+    report = sub.add_parser("report", help="run every case on every backend and print the case x backend matrix")
+    report.add_argument("--backend", action="append", default=[], help="only these backends (repeatable)")
+    report.add_argument("--out", help="also write conformance.md and conformance.json here")
+    report.add_argument("-v", "--verbose", action="store_true", help="print every non-passing check in full")
+    run = sub.add_parser("run", help="run some cases on one backend and print each check")
+    run.add_argument("--backend", required=True)
+    run.add_argument("--case", action="append", default=[], help="case id (repeatable; default: all)")
+    run.add_argument("--dtype", action="append", default=[], help="only these dtypes")
+    run.add_argument("--invariant", action="append", default=[], help="only these invariants")
+    sub.add_parser("list", help="list cases, invariants and installed backends")
+    args = parser.parse_args(argv)
+    return {"lint": cmd_lint, "report": cmd_report, "run": cmd_run, "list": cmd_list}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Per-backend expectations: skips, xfails and tolerance overrides as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import yaml
+
+STATUSES = ("xfail", "skip", "tolerance")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    status: str
+    reason: str
+    case: str = "*"
+    dtype: str = "*"
+    invariant: str = "*"
+    tolerance: tuple[tuple[str, float], ...] = ()
+
+    def matches(self, case: str, dtype: str, invariant: str) -> bool:
+        return (
+            fnmatchcase(case, self.case) and fnmatchcase(dtype, self.dtype) and fnmatchcase(invariant, self.invariant)
+        )
+
+    def label(self) -> str:
+        return f"{{case: {self.case}, dtype: {self.dtype}, invariant: {self.invariant}, status: {self.status}}}"
+
+
+def load_expectations(path: Path | None) -> list[Expectation]:
+    if path is None or not Path(path).is_file():
+        return []
+    data = yaml.safe_load(Path(path).read_text()) or []
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a YAML list of entries")
+    out = []
+    for i, entry in enumerate(data):
+        unknown = set(entry) - {"case", "dtype", "invariant", "status", "reason", "tolerance"}
+        if unknown:
+            raise ValueError(f"{path}: entry {i}: unknown keys {sorted(unknown)}")
+        if entry.get("status") not in STATUSES:
+            raise ValueError(f"{path}: entry {i}: status must be one of {STATUSES}, got {entry.get('status')!r}")
+        if not str(entry.get("reason", "")).strip():
+            raise ValueError(f"{path}: entry {i}: every expectation needs a reason")
+        if (entry["status"] == "tolerance") != ("tolerance" in entry):
+            raise ValueError(f"{path}: entry {i}: 'tolerance' goes with status tolerance, and only there")
+        out.append(
+            Expectation(
+                status=entry["status"],
+                reason=str(entry["reason"]).strip(),
+                case=str(entry.get("case", "*")),
+                dtype=str(entry.get("dtype", "*")),
+                invariant=str(entry.get("invariant", "*")),
+                tolerance=tuple(sorted((entry.get("tolerance") or {}).items())),
+            )
+        )
+    return out
+
+
+def find(expectations: list[Expectation], case: str, dtype: str, invariant: str) -> list[Expectation]:
+    return [e for e in expectations if e.matches(case, dtype, invariant)]

@@ -1,0 +1,133 @@
+"""What the pytest plugin and the CLI share: backend discovery, the list of
+checks, and running one check to an outcome."""
+
+from __future__ import annotations
+
+import shlex
+import traceback
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from .adapter import ENTRY_POINT_GROUP, Backend, Unsupported
+from .expectations import Expectation, find, load_expectations
+from .invariants import INVARIANTS, CheckFailed, Context, Runs
+from .spec import Case, Spec
+
+# TensorFlow loaded before torch in one process can segfault: torch goes first.
+_LOAD_ORDER = {"reference": 0, "torch": 1}
+
+
+def installed_backends() -> dict[str, object]:
+    """name -> entry point, in load order."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return dict(sorted(found.items(), key=lambda item: (_LOAD_ORDER.get(item[0], 9), item[0])))
+
+
+@dataclass
+class LoadedBackend:
+    name: str
+    backend: Backend | None
+    expectations: list[Expectation]
+    error: str | None = None
+
+
+def load_backend(name: str) -> LoadedBackend:
+    """Import a backend by entry-point name; a missing or broken one is reported, not hidden."""
+    eps = installed_backends()
+    if name not in eps:
+        return LoadedBackend(
+            name, None, [], error=f"backend {name!r} is not installed (installed: {', '.join(eps) or 'none'})"
+        )
+    try:
+        backend = eps[name].load()()
+        expectations = load_expectations(backend.expectations_path())
+    except Exception as exc:
+        return LoadedBackend(name, None, [], error=f"loading backend {name!r} failed: {type(exc).__name__}: {exc}")
+    return LoadedBackend(name, backend, expectations)
+
+
+@dataclass(frozen=True)
+class Check:
+    backend: str
+    case: Case
+    dtype: str
+    invariant: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.case.id}-{self.dtype}-{self.invariant}"
+
+    def repro(self) -> str:
+        return (
+            f"pytest {shlex.quote(str(self.case.file))} --backend {self.backend} "
+            f"-k {shlex.quote(self.id)}   # or: python -m maskbn_conformance run "
+            f"--backend {self.backend} --case {self.case.id} --dtype {self.dtype}"
+        )
+
+
+def checks_for(spec: Spec, backend: str, cases: list[Case] | None = None) -> list[Check]:
+    return [
+        Check(backend, case, dtype, name)
+        for case in (spec.cases if cases is None else cases)
+        for dtype in case.dtypes
+        for name in case.expect
+    ]
+
+
+@dataclass
+class Outcome:
+    #: passed | failed | error | skipped | xfailed | xpassed
+    status: str
+    message: str = ""
+
+
+def run_check(check: Check, loaded: LoadedBackend, spec: Spec, runs: Runs) -> Outcome:
+    """Run one check and apply the backend's expectations to the result."""
+    matching = find(loaded.expectations, check.case.id, check.dtype, check.invariant)
+    skip = next((e for e in matching if e.status == "skip"), None)
+    if skip is not None:
+        return Outcome("skipped", f"{loaded.name} expectations: {skip.reason}")
+    xfail = next((e for e in matching if e.status == "xfail"), None)
+    override = {}
+    for entry in matching:
+        if entry.status == "tolerance":
+            override.update(dict(entry.tolerance))
+    ctx = Context(
+        backend=loaded.backend,
+        case=check.case,
+        dtype=check.dtype,
+        spec=spec,
+        runs=runs,
+        args=check.case.expect[check.invariant],
+        tolerance_override=override or None,
+    )
+    try:
+        INVARIANTS[check.invariant](ctx)
+    except Unsupported as exc:
+        return Outcome("skipped", f"{loaded.name} cannot run this: {exc}")
+    except CheckFailed as exc:
+        if xfail is not None:
+            return Outcome("xfailed", f"{xfail.reason} ({exc})")
+        return Outcome("failed", failure_message(check, str(exc)))
+    except Exception:
+        if xfail is not None:
+            return Outcome("xfailed", f"{xfail.reason} (crashed)")
+        return Outcome("error", failure_message(check, traceback.format_exc()))
+    if xfail is not None:
+        return Outcome("xpassed", f"expected to fail ({xfail.reason}) but passes: remove the entry {xfail.label()}")
+    return Outcome("passed")
+
+
+def failure_message(check: Check, detail: str) -> str:
+    return (
+        f"backend {check.backend}, case {check.case.id} ({check.case.description}), dtype {check.dtype}, "
+        f"invariant {check.invariant}\n{detail}\nrepro: {check.repro()}"
+    )
+
+
+def unused_expectations(loaded: LoadedBackend, checks: list[Check]) -> list[Expectation]:
+    return [
+        e
+        for e in loaded.expectations
+        if not any(e.matches(c.case.id, c.dtype, c.invariant) for c in checks if c.backend == loaded.name)
+    ]
