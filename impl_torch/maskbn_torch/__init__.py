@@ -1,0 +1,14 @@
+"""Masked batch normalization for PyTorch: batch statistics from the real rows of a padded batch.
+
+>>> import torch
+>>> from maskbn_torch import MaskedBatchNorm
+>>> bn = MaskedBatchNorm(8, channel_axis=-1)
+>>> y = bn(torch.randn(4, 16, 8), mask=torch.arange(16).expand(4, 16) < 10)
+"""
+
+from . import functional
+from .functional import masked_batch_norm
+from .modules import MaskedBatchNorm, convert_batchnorm
+
+__all__ = ["MaskedBatchNorm", "convert_batchnorm", "functional", "masked_batch_norm"]
+__version__ = "0.1.0"

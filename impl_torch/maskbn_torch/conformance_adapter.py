@@ -1,0 +1,171 @@
+"""The conformance-harness adapter for maskbn_torch: NumPy in, NumPy out, nothing asserted.
+
+Translations: the spec's ``decay`` is torch's ``1 - momentum``; ``gamma``/``beta``/
+``moving_mean``/``moving_var`` are ``weight``/``bias``/``running_mean``/``running_var``;
+``center``/``scale`` are torch's single ``affine`` flag (both or neither).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskbn_conformance.adapter import Gradients, LayerConfig, Output, Unsupported
+
+from .modules import MaskedBatchNorm
+
+_STATE_NAMES = {
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_var": "running_var",
+}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)).numpy().copy()
+
+
+def _output(t: torch.Tensor) -> Output:
+    return Output(value=_to_numpy(t), dtype=_dtype_name(t.dtype))
+
+
+def _affine(config: LayerConfig) -> bool:
+    if config.center != config.scale:
+        raise Unsupported(
+            "torch batch norm has one `affine` flag for weight and bias together; "
+            f"center={config.center}, scale={config.scale} has no torch equivalent"
+        )
+    return config.center
+
+
+def _momentum(config: LayerConfig) -> float:
+    return 1.0 - config.decay
+
+
+def _layer_dtype(config: LayerConfig) -> torch.dtype | None:
+    # float16/bfloat16 runs keep float32 state (the contract); a float64 run gets a float64 layer
+    return torch.float64 if config.dtype == "float64" else None
+
+
+class _StockBatchNorm(nn.Module):
+    """torch's own nn.BatchNorm{1,2,3}d, with the channel axis moved to 1 and back."""
+
+    def __init__(self, config: LayerConfig) -> None:
+        super().__init__()
+        classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+        if config.rank not in classes:
+            raise Unsupported(f"torch has no stock batch norm for rank-{config.rank} inputs")
+        self.axis = config.axis
+        self.bn = classes[config.rank](
+            config.channels,
+            eps=config.epsilon,
+            momentum=_momentum(config),
+            affine=_affine(config),
+            dtype=_layer_dtype(config),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.movedim(self.axis, 1)).movedim(1, self.axis)
+
+
+class TorchLayer:
+    """One module (masked or stock) driven through the adapter protocol."""
+
+    def __init__(self, module: nn.Module, params: nn.Module) -> None:
+        self.module = module
+        #: the module holding weight/bias/running_* (the inner nn.BatchNorm for stock)
+        self.params = params
+
+    def _call(self, x: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+        if mask is None:
+            return self.module(x)
+        return self.module(x, torch.from_numpy(np.ascontiguousarray(mask)))
+
+    def forward(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, training: bool) -> Output:
+        self.module.train(training)
+        with torch.no_grad():
+            y = self._call(torch.from_numpy(np.ascontiguousarray(x)).to(_torch_dtype(x_dtype)), mask)
+        return _output(y)
+
+    def forward_backward(
+        self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray
+    ) -> tuple[Output, Gradients]:
+        self.module.train(True)
+        dtype = _torch_dtype(x_dtype)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(dtype).requires_grad_(True)
+        for p in self.params.parameters():
+            p.grad = None
+        y = self._call(xt, mask)
+        # the gradient of sum(y * dy) is dy itself
+        y.backward(torch.from_numpy(np.ascontiguousarray(dy)).to(dtype))
+        weight, bias = self.params.weight, self.params.bias
+        grads = Gradients(
+            x=_output(xt.grad),
+            gamma=None if weight is None else _to_numpy(weight.grad),
+            beta=None if bias is None else _to_numpy(bias.grad),
+        )
+        return _output(y), grads
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        state = {}
+        for neutral, name in _STATE_NAMES.items():
+            t = getattr(self.params, name)
+            if t is not None:
+                state[neutral] = t.detach().cpu().numpy().copy()
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for neutral, value in state.items():
+                t = getattr(self.params, _STATE_NAMES[neutral])
+                t.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    def round_trip(self, directory: Path) -> TorchLayer:
+        # the whole module through torch.save, loaded back with the safe weights_only
+        # unpickler (the class allowlisted), as a user would ship a model holding it
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "layer.pt"
+        torch.save(self.module, path)
+        allowed = [type(self.module), type(self.params)]
+        with torch.serialization.safe_globals(allowed):
+            module = torch.load(path, weights_only=True)
+        params = module.bn if isinstance(module, _StockBatchNorm) else module
+        return TorchLayer(module, params)
+
+
+class TorchBackend:
+    """maskbn_torch for the conformance harness."""
+
+    name = "torch"
+
+    def layer(self, config: LayerConfig) -> TorchLayer:
+        module = MaskedBatchNorm(
+            config.channels,
+            eps=config.epsilon,
+            momentum=_momentum(config),
+            affine=_affine(config),
+            channel_axis=config.axis,
+            padded_output=config.padded_output,
+            dtype=_layer_dtype(config),
+        )
+        return TorchLayer(module, module)
+
+    def stock_layer(self, config: LayerConfig) -> TorchLayer:
+        module = _StockBatchNorm(config)
+        return TorchLayer(module, module.bn)
+
+    def expectations_path(self) -> Path | None:
+        return Path(__file__).with_name("conformance_expectations.yaml")

@@ -1,0 +1,320 @@
+"""Functional masked batch normalization: the core that :class:`maskbn_torch.MaskedBatchNorm` calls.
+
+Batch statistics come only from the real positions of a padded batch (``mask != 0``).
+Everything here is plain tensor code without Python branching on tensor values, so
+it runs unchanged under ``torch.compile`` (fullgraph), ``torch.export``, autocast
+and on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["PADDED_OUTPUTS", "masked_batch_norm"]
+
+#: accepted values of ``padded_output``
+PADDED_OUTPUTS = ("normalize", "zero")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: the name error messages use."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape(t: Tensor | Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(s) for s in (t.shape if isinstance(t, Tensor) else t))
+
+
+def _resolve_channel_axis(x: Tensor, channel_axis: int) -> int:
+    rank = x.dim()
+    if not -rank <= channel_axis < rank:
+        raise ValueError(f"channel_axis {channel_axis} is out of range for x of rank {rank} (x shape {_shape(x)})")
+    return channel_axis % rank
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a floating dtype, got dtype {dtype_name(x.dtype)}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have a channel axis, got a 0-dim tensor (x shape {_shape(x)})")
+
+
+def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
+    """Validate ``mask`` and return it as a bool tensor of x's shape with a size-1 channel axis."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(
+            f"mask must be bool or an integer dtype (non-zero means real), got dtype {dtype_name(mask.dtype)}"
+        )
+    x_shape = _shape(x)
+    without = x_shape[:axis] + x_shape[axis + 1 :]
+    keep = x_shape[:axis] + (1,) + x_shape[axis + 1 :]
+    m_shape = _shape(mask)
+    if m_shape == without:
+        mask = mask.unsqueeze(axis)
+    elif m_shape != keep:
+        raise ValueError(
+            f"mask shape {m_shape} does not fit x shape {x_shape} with channel axis {axis}: "
+            f"expected {without} or {keep}"
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _where0(m: Tensor | None, t: Tensor) -> Tensor:
+    # `where`, never `t * m`: NaN/Inf in padded positions must not leak (NaN * 0 = NaN)
+    return t if m is None else torch.where(m, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _batch_moments(
+    x: Tensor, m: Tensor | None, dims: tuple[int, ...], channels: int, acc: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, var) over the real positions; mean/var keep the reduced dims (size 1).
+
+    Corrected two-pass variance: sum((x - mean)^2)/n - (sum(x - mean)/n)^2. The second
+    term removes the rounding error of the first-pass mean, so float32 keeps its
+    accuracy even when |mean| / std is 1e6 (E[x^2] - E[x]^2 would lose all of it).
+    """
+    xs = _where0(m, x.detach().to(acc))
+    if m is None:
+        count = torch.full((), x.numel() // channels, dtype=acc, device=x.device)
+    else:
+        count = m.sum().to(acc)
+    denom = count.clamp(min=1)
+    mean = xs.sum(dims, keepdim=True) / denom
+    d = _where0(m, xs - mean)
+    mean_d = d.sum(dims, keepdim=True) / denom
+    var = (d.square_().sum(dims, keepdim=True) / denom - mean_d.square()).clamp_(min=0)
+    return count, mean, var
+
+
+class _MaskedBatchNormFn(torch.autograd.Function):
+    """y = (x - mean) * invstd * weight + bias with the analytic masked-BN backward.
+
+    ``mean``/``invstd`` come in detached; when ``stats_from_batch`` the backward
+    adds their dependence on x analytically. Padded rows are constants: they get
+    no gradient, and their dy and x never enter a reduction (``where`` on the mask).
+    Saves only x, the bool mask and per-channel vectors, like native batch norm.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        m: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        count: Tensor | None,
+        stats_from_batch: bool,
+        zero_padded: bool,
+        dims: tuple[int, ...],
+        stat_shape: tuple[int, ...],
+    ) -> Tensor:
+        acc = mean.dtype
+        scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
+        y = x.to(acc) - mean
+        y = y.mul_(scale) if bias is None else torch.addcmul(bias.to(acc).reshape(stat_shape), y, scale)
+        if zero_padded:
+            y = _where0(m, y)
+        ctx.save_for_backward(x, weight, m, mean, invstd, count)
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        ctx.stats_from_batch = stats_from_batch
+        ctx.dims = dims
+        ctx.stat_shape = stat_shape
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, m, mean, invstd, count = ctx.saved_tensors
+        dims, stat_shape = ctx.dims, ctx.stat_shape
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = mean.dtype
+        dy = _where0(m, grad_out.to(acc))
+        xhat = _where0(m, (x.to(acc) - mean) * invstd)
+        s1 = dy.sum(dims, keepdim=True)
+        s2 = (dy * xhat).sum(dims, keepdim=True)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            g = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
+            if ctx.stats_from_batch:
+                # d/dx through the batch mean and variance; count >= 1 wherever a row is real
+                proj = torch.addcmul(s1, xhat, s2).div_(count.clamp(min=1))
+                grad_x = _where0(m, (dy - proj).mul_(g))
+            else:
+                # fixed stats: dy is already 0 on padded rows, so no mask needed here
+                grad_x = dy * g
+            grad_x = grad_x.to(x.dtype)
+        w_dtype, b_dtype = ctx.param_dtypes
+        if need_w:
+            grad_w = s2.reshape(-1).to(w_dtype)
+        if need_b:
+            grad_b = s1.reshape(-1).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def masked_batch_norm(
+    input: Tensor,
+    mask: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    channel_axis: int = 1,
+    padded_output: str = "normalize",
+    num_batches_tracked: Tensor | None = None,
+    unbiased_running_var: bool = False,
+) -> Tensor:
+    """Batch normalization whose batch statistics come only from the real positions of ``input``.
+
+    Args:
+        input: floating tensor with a channel axis (``channel_axis``) and any other axes.
+        mask: None (every position real), or a bool/integer tensor, non-zero = real, of
+            ``input``'s shape without the channel axis, or with the channel axis of size 1.
+        running_mean, running_var: per-channel running statistics, updated in place when
+            ``training``; required when not ``training``.
+        weight, bias: optional per-channel affine parameters (gamma, beta).
+        training: True normalizes with the batch statistics of the real positions (and
+            updates the running stats); False normalizes with the running stats.
+        momentum: weight of the new batch in the running average, PyTorch's convention
+            (``running = (1 - momentum) * running + momentum * batch``); None gives a
+            cumulative average driven by ``num_batches_tracked``, as ``nn.BatchNorm``.
+        eps: added to the variance before the square root.
+        channel_axis: the channel axis of ``input`` (1: ``(B, C, ...)``; -1: channels-last).
+        padded_output: ``"normalize"`` normalizes padded rows like real ones, ``"zero"``
+            makes them exactly 0.
+        num_batches_tracked: int64 scalar counter incremented (in place) by each training
+            call that has at least one real position.
+        unbiased_running_var: store ``n / (n - 1) * var`` in ``running_var`` as stock
+            ``nn.BatchNorm`` does; by default the population variance is stored (the
+            maskbn contract). Normalization always uses the population variance.
+
+    A training call whose mask has no real position normalizes with the running stats
+    (mean 0, var 1 when there are none), updates nothing and gives zero gradients.
+    Padded positions never influence real outputs, running stats or gradients, and get
+    no gradient themselves. Reductions run in float32 (float64 for float64 inputs or
+    state); the output has ``input``'s dtype.
+
+    Raises:
+        TypeError: integer ``input``, or a floating-point ``mask``.
+        ValueError: channel axis out of range, a mask shape that does not fit, or a
+            channel count that differs from the parameters'. Nothing is updated then.
+    """
+    _check_input(input)
+    if padded_output not in PADDED_OUTPUTS:
+        raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
+    axis = _resolve_channel_axis(input, channel_axis)
+    channels = int(input.shape[axis])
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        if t is not None and _shape(t) != (channels,):
+            raise ValueError(
+                f"x shape {_shape(input)} has {channels} channels at axis {axis}, but {name} has shape {_shape(t)}"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    m = _prepare_mask(mask, input, axis)
+
+    float64 = any(t is not None and t.dtype == torch.float64 for t in (input, weight, running_mean))
+    acc = torch.float64 if float64 else torch.float32
+    dims = tuple(i for i in range(input.dim()) if i != axis)
+    stat_shape = tuple(channels if i == axis else 1 for i in range(input.dim()))
+
+    count = None
+    if training:
+        count, batch_mean, batch_var = _batch_moments(input, m, dims, channels, acc)
+        has_real = count > 0
+        if running_mean is not None:
+            prior_mean = running_mean.detach().to(acc).reshape(stat_shape)
+            prior_var = running_var.detach().to(acc).reshape(stat_shape)
+        else:
+            # no running stats to fall back on: the initial ones (mean 0, var 1)
+            prior_mean = torch.zeros((), dtype=acc, device=input.device)
+            prior_var = torch.ones((), dtype=acc, device=input.device)
+        # n == 0: the inference path, chosen by `where` so there is no data-dependent branch.
+        # Selected before the in-place update below, which may alias prior_mean/prior_var.
+        mean = torch.where(has_real, batch_mean, prior_mean)
+        var = torch.where(has_real, batch_var, prior_var)
+        if running_mean is not None:
+            _update_running_stats(
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                batch_mean,
+                batch_var,
+                count,
+                has_real,
+                momentum,
+                unbiased_running_var,
+            )
+    else:
+        mean = running_mean.detach().to(acc).reshape(stat_shape)
+        var = running_var.detach().to(acc).reshape(stat_shape)
+    invstd = torch.rsqrt(var + eps)
+    return _MaskedBatchNormFn.apply(
+        input,
+        weight,
+        bias,
+        m,
+        mean,
+        invstd,
+        count,
+        training,
+        padded_output == "zero",
+        dims,
+        stat_shape,
+    )
+
+
+def _update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    has_real: Tensor,
+    momentum: float | None,
+    unbiased: bool,
+) -> None:
+    """In-place running-stat update, a no-op (by ``where``) when the batch has no real position."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(has_real.to(num_batches_tracked.dtype))
+        acc = mean.dtype
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.clamp(min=1).to(acc)
+        else:
+            factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+        batch_var = var.reshape(-1)
+        if unbiased:
+            batch_var = batch_var * (count / (count - 1).clamp(min=1))
+        for buf, batch in ((running_mean, mean.reshape(-1)), (running_var, batch_var)):
+            old = buf.to(acc)
+            new = (1 - factor) * old + factor * batch
+            buf.copy_(torch.where(has_real, new, old))

@@ -1,0 +1,237 @@
+"""``MaskedBatchNorm``: a drop-in ``nn.BatchNorm{1,2,3}d`` whose statistics skip padded rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .functional import PADDED_OUTPUTS, masked_batch_norm
+
+__all__ = ["MaskedBatchNorm", "convert_batchnorm"]
+
+
+class MaskedBatchNorm(nn.Module):
+    """Batch normalization whose batch statistics come only from the real positions of a padded batch.
+
+    A drop-in for ``nn.BatchNorm1d/2d/3d`` (``channel_axis=1``, any rank) or, with
+    ``channel_axis=-1``, for channels-last features such as ``(B, N, C)`` point clouds.
+    ``forward(x, mask)`` takes a bool or integer ``mask`` (non-zero = real) of x's
+    shape without the channel axis, or with the channel axis of size 1; ``mask=None``
+    treats every position as real and behaves as stock batch norm.
+
+    Args:
+        num_features: the number of channels C.
+        eps: added to the variance before the square root.
+        momentum: PyTorch's convention, the weight of the new batch:
+            ``running = (1 - momentum) * running + momentum * batch``; None gives a
+            cumulative average over the batches seen, as ``nn.BatchNorm``.
+        affine: create ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
+        track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``
+            and normalize with them in eval mode; False always uses batch statistics, as
+            ``nn.BatchNorm``.
+        channel_axis: the channel axis of the input.
+        padded_output: ``"normalize"`` (padded rows normalized like real ones) or
+            ``"zero"`` (padded rows of the output are exactly 0).
+        process_group: reserved for cross-process statistics; only None is supported yet.
+        device, dtype: factory kwargs for the parameters and buffers. A float64 layer keeps
+            float64 state and reduces in float64; otherwise state is float32 and float16 /
+            bfloat16 inputs are reduced in float32.
+        unbiased_running_var: keyword-only. By default ``running_var`` holds the population
+            variance of the real rows (the maskbn contract, identical across frameworks);
+            stock ``nn.BatchNorm`` stores the unbiased ``n / (n - 1) * var`` instead. Set True
+            to store the unbiased estimate, e.g. to keep fine-tuning a converted model in
+            torch's convention. Normalization always uses the population variance.
+
+    State-dict names are those of ``nn.BatchNorm`` (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), so a stock batch norm's state dict loads
+    unchanged. A training call with no real position normalizes with the running stats,
+    updates nothing (``num_batches_tracked`` included) and gives zero gradients.
+    """
+
+    _version = 2  # as nn.BatchNorm: version 2 added num_batches_tracked
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        channel_axis: int = 1,
+        padded_output: str = "normalize",
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        unbiased_running_var: bool = False,
+    ) -> None:
+        super().__init__()
+        if padded_output not in PADDED_OUTPUTS:
+            raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
+        if not isinstance(channel_axis, int):
+            raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
+        if process_group is not None:
+            raise NotImplementedError(
+                "cross-process (synchronized) statistics are not implemented yet; use process_group=None"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.channel_axis = channel_axis
+        self.padded_output = padded_output
+        self.process_group = process_group
+        self.unbiased_running_var = unbiased_running_var
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running var 1, counter 0 (as ``nn.BatchNorm``)."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running stats, and weight to 1 / bias to 0 (as ``nn.BatchNorm``)."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; batch statistics from the positions where ``mask`` is non-zero.
+
+        In training mode (or without running stats) the batch statistics of the real
+        positions are used and the running stats are updated; in eval mode the running
+        stats are used and nothing is updated.
+        """
+        if isinstance(x, Tensor) and x.dim() >= 1:
+            rank = x.dim()
+            if -rank <= self.channel_axis < rank and x.shape[self.channel_axis] != self.num_features:
+                raise ValueError(
+                    f"expected {self.num_features} channels at axis {self.channel_axis}, got "
+                    f"{int(x.shape[self.channel_axis])} (x shape {tuple(int(s) for s in x.shape)})"
+                )
+        use_batch_stats = self.training or not self.track_running_stats
+        # as nn.BatchNorm: running buffers are only updated in training mode and only read
+        # in eval mode when they are tracked
+        use_buffers = self.training or not use_batch_stats
+        return masked_batch_norm(
+            x,
+            mask,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            training=use_batch_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            channel_axis=self.channel_axis,
+            padded_output=self.padded_output,
+            num_batches_tracked=self.num_batches_tracked if use_buffers else None,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
+            f"padded_output={self.padded_output!r}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # as nn.BatchNorm: state dicts saved before num_batches_tracked existed still load
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_mean.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+# the common base of BatchNorm1d/2d/3d, their Lazy variants and SyncBatchNorm (what
+# nn.SyncBatchNorm.convert_sync_batchnorm matches too)
+_STOCK_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def convert_batchnorm(
+    module: nn.Module,
+    *,
+    padded_output: str = "normalize",
+    unbiased_running_var: bool = False,
+) -> nn.Module:
+    """Replace every batch norm in ``module`` by a :class:`MaskedBatchNorm`, in place.
+
+    Matches ``nn.BatchNorm1d/2d/3d`` (lazy ones once initialized) and ``nn.SyncBatchNorm``.
+    The new layer has the same configuration and train/eval mode and holds the very same
+    weight/bias Parameters and running-stat buffers, so optimizers stay valid.
+
+    Returns the module itself, or the new layer when ``module`` is a batch norm itself.
+    The converted layers take the mask as ``forward(x, mask)``; called without a mask they
+    compute what the stock layer computed, up to rounding (the running var follows
+    ``unbiased_running_var``, see :class:`MaskedBatchNorm`). A SyncBatchNorm with a
+    process group other than the default is refused, since synchronized masked statistics
+    are not implemented yet.
+    """
+    if isinstance(module, _STOCK_BATCHNORMS):
+        return _converted(module, padded_output, unbiased_running_var)
+    for name, child in module.named_children():
+        new = convert_batchnorm(child, padded_output=padded_output, unbiased_running_var=unbiased_running_var)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) -> MaskedBatchNorm:
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(f"cannot convert an uninitialized lazy batch norm ({type(bn).__name__}); run it first")
+    if isinstance(bn, nn.SyncBatchNorm) and bn.process_group is not None:
+        raise NotImplementedError("cannot convert a SyncBatchNorm with a process group (not implemented yet)")
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    new = MaskedBatchNorm(
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        channel_axis=1,
+        padded_output=padded_output,
+        device=None if ref is None else ref.device,
+        dtype=None if ref is None else ref.dtype,
+        unbiased_running_var=unbiased_running_var,
+    )
+    # share the very Parameter and buffer objects (as nn.SyncBatchNorm.convert_sync_batchnorm
+    # does), so an optimizer built before the conversion keeps updating the live weights
+    if bn.affine:
+        new.weight = bn.weight
+        new.bias = bn.bias
+    if bn.track_running_stats and bn.running_mean is not None:
+        new.running_mean = bn.running_mean
+        new.running_var = bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+    new.train(bn.training)
+    return new
