@@ -1,0 +1,231 @@
+"""Deliberately wrong masked batch norms, each with one realistic bug.
+
+The meta tests run them through the harness to prove every invariant can
+fail: a check that nothing can fail proves nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from maskbn_conformance import reference as ref
+from maskbn_conformance.adapter import Gradients, LayerConfig, Output
+from maskbn_conformance.dtypes import round_to
+from maskbn_conformance.reference_adapter import ReferenceLayer
+
+
+class MultipliesByMask(ReferenceLayer):
+    """Masks with x * mask: NaN * 0 = NaN leaks from padded rows into the sums."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        with np.errstate(invalid="ignore", over="ignore"):
+            masked = x.astype(np.float64) * np.expand_dims(real, axis)
+            # 0 for finite padding, NaN as soon as one padded value is NaN or Inf
+            poison = (ref.to_rows(masked, axis) * 0.0).sum(axis=0)
+        axis, y, aux = super()._run(x, x_dtype, mask, training)
+        if training:
+            self.state["moving_mean"] = (self.state["moving_mean"] + poison).astype(self._store)
+        return axis, y + poison.reshape(_channel_view(x, axis)), aux
+
+
+class UnmaskedStats(ReferenceLayer):
+    """Ignores the mask for the statistics: padding zeros drag the mean."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        every = np.ones_like(real)
+        y, new_state, aux = ref.forward(x.astype(np.float64), every, self._full_state(), self._cfg(axis), training)
+        self.state = {k: new_state[k].astype(self._store) for k in self.state}
+        return axis, y, aux
+
+
+class EvalUpdatesStats(ReferenceLayer):
+    """Updates the moving stats in inference too."""
+
+    def forward(self, x, x_dtype, mask, training):
+        return super().forward(x, x_dtype, mask, True)
+
+
+class OffsetOutput(ReferenceLayer):
+    """Adds 1e-2 to every output: plainly wrong numbers."""
+
+    def forward(self, x, x_dtype, mask, training):
+        out = super().forward(x, x_dtype, mask, training)
+        return Output(round_to(out.value + 1e-2, x_dtype), x_dtype)
+
+    def forward_backward(self, x, x_dtype, mask, dy):
+        out, grads = super().forward_backward(x, x_dtype, mask, dy)
+        return Output(round_to(out.value + 1e-2, x_dtype), x_dtype), grads
+
+
+class AlwaysFloat32Output(ReferenceLayer):
+    """Returns float32 whatever the input dtype."""
+
+    def forward(self, x, x_dtype, mask, training):
+        return Output(super().forward(x, x_dtype, mask, training).value, "float32")
+
+
+class EmptyMaskDividesByZero(ReferenceLayer):
+    """Computes sum / n with n = 0 on an empty mask and normalizes with NaN."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        if training and not real.any():
+            nan = np.full(self.config.channels, np.nan)
+            state = dict(self._full_state(), moving_mean=nan, moving_var=nan)
+            y, _, aux = ref.forward(x.astype(np.float64), real, state, self._cfg(axis), False)
+            return axis, y, aux
+        return super()._run(x, x_dtype, mask, training)
+
+
+class IgnoresPaddedOutputZero(ReferenceLayer):
+    """Forgets padded_output='zero'."""
+
+    def _cfg(self, axis):
+        return ref.RefConfig(
+            axis, self.config.decay, self.config.epsilon, self.config.center, self.config.scale, "normalize"
+        )
+
+
+class PlainGradient(ReferenceLayer):
+    """Backward of y = gamma * xhat + beta with the stats held constant (misses the mean/var terms)."""
+
+    def forward_backward(self, x, x_dtype, mask, dy):
+        out, grads = super().forward_backward(x, x_dtype, mask, dy)
+        axis, real = self._check(x, x_dtype, mask)
+        _, var, _ = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), real.reshape(-1))
+        gamma = self._full_state()["gamma"]
+        dx = dy.astype(np.float64) * np.reshape(gamma / np.sqrt(var + self.config.epsilon), _channel_view(x, axis))
+        return out, Gradients(Output(round_to(dx, x_dtype), x_dtype), grads.gamma, grads.beta)
+
+
+class PaddedRowsGetGradient(ReferenceLayer):
+    """Sends gradient gamma * inv_std to padded rows regardless of dy."""
+
+    def forward_backward(self, x, x_dtype, mask, dy):
+        out, grads = super().forward_backward(x, x_dtype, mask, dy)
+        axis, real = self._check(x, x_dtype, mask)
+        padded = ~np.broadcast_to(np.expand_dims(real, axis), x.shape)
+        dx = np.where(padded, 1.0, grads.x.value)
+        return out, Gradients(Output(round_to(dx, x_dtype), x_dtype), grads.gamma, grads.beta)
+
+
+class ZeroAffineGradients(ReferenceLayer):
+    """Detaches gamma and beta: their gradients are zero."""
+
+    def forward_backward(self, x, x_dtype, mask, dy):
+        out, grads = super().forward_backward(x, x_dtype, mask, dy)
+        zero = lambda g: None if g is None else np.zeros_like(g)  # noqa: E731
+        return out, Gradients(grads.x, zero(grads.gamma), zero(grads.beta))
+
+
+class IgnoresIntegerMasks(ReferenceLayer):
+    """Only honours bool masks; an integer mask is treated as all real."""
+
+    def _check(self, x, x_dtype, mask):
+        if mask is not None and mask.dtype != np.bool_:
+            mask = np.ones_like(mask)
+        return super()._check(x, x_dtype, mask)
+
+
+class NoMaskUsesOtherEpsilon(ReferenceLayer):
+    """Takes a different code path without a mask, with epsilon forgotten."""
+
+    def _cfg(self, axis):
+        cfg = super()._cfg(axis)
+        return ref.RefConfig(
+            axis, cfg.decay, 1e-1 if self._no_mask else cfg.epsilon, cfg.center, cfg.scale, cfg.padded_output
+        )
+
+    def _check(self, x, x_dtype, mask):
+        self._no_mask = mask is None
+        return super()._check(x, x_dtype, mask)
+
+
+class UnbiasedMovingVar(ReferenceLayer):
+    """Stores the unbiased (n - 1) variance in moving_var, as torch's stock BN does."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        before = self._full_state()
+        axis, y, aux = super()._run(x, x_dtype, mask, training)
+        n = int(real.sum())
+        if training and n > 1:
+            _, var, _ = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), real.reshape(-1))
+            d = self.config.decay
+            self.state["moving_var"] = (d * before["moving_var"] + (1 - d) * var * n / (n - 1)).astype(self._store)
+        return axis, y, aux
+
+
+class EvalUsesBatchStats(ReferenceLayer):
+    """Normalizes inference calls with the batch's masked stats."""
+
+    def forward(self, x, x_dtype, mask, training):
+        if training:
+            return super().forward(x, x_dtype, mask, training)
+        saved = self.get_state()
+        out = super().forward(x, x_dtype, mask, True)
+        self.set_state(saved)
+        return out
+
+
+class AlwaysAffine(ReferenceLayer):
+    """Creates gamma and beta even when scale / center are off."""
+
+    def __init__(self, config: LayerConfig):
+        super().__init__(config)
+        self.state.setdefault("gamma", np.ones(config.channels, self._store))
+        self.state.setdefault("beta", np.zeros(config.channels, self._store))
+
+
+class LossyRoundTrip(ReferenceLayer):
+    """Saves its state as float16."""
+
+    def round_trip(self, directory: Path):
+        loaded = super().round_trip(directory)
+        loaded.set_state({k: v.astype(np.float16) for k, v in self.state.items()})
+        return loaded
+
+
+class VagueErrors(ReferenceLayer):
+    """Raises the right type but says nothing useful."""
+
+    def _check(self, x, x_dtype, mask):
+        try:
+            return super()._check(x, x_dtype, mask)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)("bad input") from None
+
+
+class UpdatesBeforeValidating(ReferenceLayer):
+    """Moves the stats toward zero before it finds out the input is bad."""
+
+    def _check(self, x, x_dtype, mask):
+        self.state["moving_mean"] = self.state["moving_mean"] * 0.5
+        return super()._check(x, x_dtype, mask)
+
+
+def _channel_view(x: np.ndarray, axis: int) -> list[int]:
+    view = [1] * x.ndim
+    view[axis] = x.shape[axis]
+    return view
+
+
+class BrokenBackend:
+    """A backend whose masked layer is one of the classes above."""
+
+    def __init__(self, layer_class: type[ReferenceLayer]):
+        self.layer_class = layer_class
+        self.name = f"broken-{layer_class.__name__}"
+
+    def layer(self, config):
+        return self.layer_class(config)
+
+    def stock_layer(self, config):
+        return ReferenceLayer(config)
+
+    def expectations_path(self):
+        return None
