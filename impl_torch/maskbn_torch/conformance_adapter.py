@@ -2,7 +2,8 @@
 
 Translations: the spec's ``decay`` is torch's ``1 - momentum``; ``gamma``/``beta``/
 ``moving_mean``/``moving_var`` are ``weight``/``bias``/``running_mean``/``running_var``;
-``center``/``scale`` are torch's single ``affine`` flag (both or neither).
+``center``/``scale`` are torch's ``affine`` flag plus the ``bias`` switch that
+``nn.LayerNorm`` also has (a bias without a weight has no torch spelling).
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ def _output(t: torch.Tensor) -> Output:
     return Output(value=_to_numpy(t), dtype=_dtype_name(t.dtype))
 
 
-def _affine(config: LayerConfig) -> bool:
-    if config.center != config.scale:
+def _affine(config: LayerConfig, *, bias_switch: bool) -> dict[str, bool]:
+    if config.center and not config.scale:
         raise Unsupported(
-            "torch batch norm has one `affine` flag for weight and bias together; "
-            f"center={config.center}, scale={config.scale} has no torch equivalent"
+            "torch normalization layers have no bias without a weight (`affine` makes both, "
+            "nn.LayerNorm-style `bias=False` drops only the bias): center=True, scale=False"
         )
-    return config.center
+    if config.scale and not config.center:
+        if not bias_switch:
+            raise Unsupported("torch's stock nn.BatchNorm has no bias=False: center=False, scale=True")
+        return {"affine": True, "bias": False}
+    return {"affine": config.scale}
 
 
 def _momentum(config: LayerConfig) -> float:
@@ -73,8 +78,8 @@ class _StockBatchNorm(nn.Module):
             config.channels,
             eps=config.epsilon,
             momentum=_momentum(config),
-            affine=_affine(config),
             dtype=_layer_dtype(config),
+            **_affine(config, bias_switch=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,10 +161,10 @@ class TorchBackend:
             config.channels,
             eps=config.epsilon,
             momentum=_momentum(config),
-            affine=_affine(config),
             channel_axis=config.axis,
             padded_output=config.padded_output,
             dtype=_layer_dtype(config),
+            **_affine(config, bias_switch=True),
         )
         return TorchLayer(module, module)
 

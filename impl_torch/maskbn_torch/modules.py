@@ -28,6 +28,8 @@ class MaskedBatchNorm(nn.Module):
             ``running = (1 - momentum) * running + momentum * batch``; None gives a
             cumulative average over the batches seen, as ``nn.BatchNorm``.
         affine: create ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
+        bias: keyword-only, as ``nn.LayerNorm(bias=...)``: with ``affine=True``,
+            ``bias=False`` creates the weight only (the contract's ``center=False``).
         track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``
             and normalize with them in eval mode; False always uses batch statistics, as
             ``nn.BatchNorm``.
@@ -65,6 +67,7 @@ class MaskedBatchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         unbiased_running_var: bool = False,
     ) -> None:
         super().__init__()
@@ -88,9 +91,11 @@ class MaskedBatchNorm(nn.Module):
         self.unbiased_running_var = unbiased_running_var
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -115,8 +120,9 @@ class MaskedBatchNorm(nn.Module):
     def reset_parameters(self) -> None:
         """Reset the running stats, and weight to 1 / bias to 0 (as ``nn.BatchNorm``)."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -156,7 +162,8 @@ class MaskedBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
+            + ("bias=False, " if self.affine and self.bias is None else "")
+            + f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
             f"padded_output={self.padded_output!r}"
         )
 

@@ -17,31 +17,33 @@ def _single_real():
 
 
 GRADCHECK_CASES = {
-    # name: (x shape, channel axis, mask or None, training, padded_output, affine)
-    "train-padded-rows": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), True, "normalize", True),
-    "train-padded-zero": ((3, 2, 4), 1, prefix_mask(3, 4, [3, 0, 2]), True, "zero", True),
-    "train-channels-last": ((2, 5, 3), -1, prefix_mask(2, 5, [2, 4]), True, "normalize", True),
+    # name: (x shape, channel axis, mask or None, training, padded_output, n params: 2 weight+bias, 1 weight, 0)
+    "train-padded-rows": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), True, "normalize", 2),
+    "train-padded-zero": ((3, 2, 4), 1, prefix_mask(3, 4, [3, 0, 2]), True, "zero", 2),
+    "train-channels-last": ((2, 5, 3), -1, prefix_mask(2, 5, [2, 4]), True, "normalize", 2),
     "train-bchw": (
         (2, 2, 2, 3),
         1,
         torch.tensor([[[1, 0, 1], [1, 1, 0]], [[0, 0, 1], [0, 0, 0]]]),
         True,
         "zero",
-        True,
+        2,
     ),
-    "train-no-mask": ((4, 3), 1, None, True, "normalize", True),
-    "train-no-affine": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), True, "normalize", False),
-    "train-empty-mask": ((2, 2, 3), 1, torch.zeros(2, 3, dtype=torch.bool), True, "normalize", True),
-    "train-empty-mask-zero": ((2, 2, 3), 1, torch.zeros(2, 3, dtype=torch.bool), True, "zero", True),
-    "train-single-real-row": ((2, 2, 3), 1, _single_real(), True, "normalize", True),
-    "eval-padded-rows": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), False, "normalize", True),
-    "eval-padded-zero": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), False, "zero", True),
+    "train-no-mask": ((4, 3), 1, None, True, "normalize", 2),
+    "train-no-affine": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), True, "normalize", 0),
+    "train-weight-only": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), True, "zero", 1),
+    "eval-weight-only": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), False, "normalize", 1),
+    "train-empty-mask": ((2, 2, 3), 1, torch.zeros(2, 3, dtype=torch.bool), True, "normalize", 2),
+    "train-empty-mask-zero": ((2, 2, 3), 1, torch.zeros(2, 3, dtype=torch.bool), True, "zero", 2),
+    "train-single-real-row": ((2, 2, 3), 1, _single_real(), True, "normalize", 2),
+    "eval-padded-rows": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), False, "normalize", 2),
+    "eval-padded-zero": ((3, 2, 4), 1, prefix_mask(3, 4, [4, 1, 2]), False, "zero", 2),
 }
 
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES.values(), ids=GRADCHECK_CASES.keys())
 def test_gradcheck_float64(case, gen):
-    shape, axis, mask, training, padded_output, affine = case
+    shape, axis, mask, training, padded_output, n_params = case
     channels = shape[axis]
     x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
     weight = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
@@ -65,7 +67,7 @@ def test_gradcheck_float64(case, gen):
         # see; in "normalize" mode check the real rows (padded rows: the test below)
         return y if keep is None or padded_output == "zero" else torch.where(keep, y, 0.0)
 
-    inputs = (x, weight, bias) if affine else (x,)
+    inputs = (x, weight, bias)[: 1 + n_params]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 

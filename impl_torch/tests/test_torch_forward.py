@@ -151,6 +151,19 @@ def test_affine_false_creates_no_weights(gen):
     torch.testing.assert_close(real_rows(bn(x, mask), mask, 1).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_bias_false_keeps_only_the_weight(gen):
+    bn = MaskedBatchNorm(3, bias=False)
+    assert bn.bias is None and bn.weight is not None
+    assert set(bn.state_dict()) == {"weight", "running_mean", "running_var", "num_batches_tracked"}
+    assert "bias=False" in repr(bn)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, 0.5, -1.0]))
+    x = torch.randn(2, 3, 5, generator=gen)
+    mask = prefix_mask(2, 5, [3, 5])
+    want, _, _ = compacted_batch_norm(x, mask, 1, bn.eps, bn.weight)
+    torch.testing.assert_close(real_rows(bn(x, mask), mask, 1).double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("track", [True, False], ids=["running-stats", "no-running-stats"])
 def test_empty_mask_in_training_takes_the_inference_path(track, gen):
     bn = MaskedBatchNorm(3, track_running_stats=track)
