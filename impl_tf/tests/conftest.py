@@ -1,0 +1,48 @@
+"""Shared fixtures for the maskbn_tf unit tests (Keras on the TensorFlow backend)."""
+
+import os
+
+# Before Keras is imported anywhere: these tests are about the TensorFlow backend.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+
+def pytest_configure(config):
+    if keras.config.backend() != "tensorflow":
+        raise pytest.UsageError(f"maskbn_tf tests need KERAS_BACKEND=tensorflow, got {keras.config.backend()!r}")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def padded_batch(rng):
+    """(x, mask): 4 sequences of up to 10 steps, 3 channels, real rows ~ N(4, 2), padding 0."""
+    lengths = np.array([10, 6, 3, 1])
+    mask = np.arange(10)[None, :] < lengths[:, None]
+    x = np.where(mask[..., None], rng.normal(4.0, 2.0, size=(4, 10, 3)), 0.0).astype(np.float32)
+    return x, mask
+
+
+@pytest.fixture
+def restore_dtype_policy():
+    policy = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture
+def masked_moments():
+    """f(x, mask) -> float64 mean and population variance over the real rows (channels last)."""
+
+    def moments(x, mask):
+        real = np.asarray(x, np.float64)[np.asarray(mask, bool)]
+        return real.mean(axis=0), real.var(axis=0)
+
+    return moments
