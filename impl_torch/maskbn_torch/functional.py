@@ -55,16 +55,15 @@ def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
         raise TypeError(
             f"mask must be bool or an integer dtype (non-zero means real), got dtype {dtype_name(mask.dtype)}"
         )
-    x_shape = _shape(x)
-    without = x_shape[:axis] + x_shape[axis + 1 :]
-    keep = x_shape[:axis] + (1,) + x_shape[axis + 1 :]
-    m_shape = _shape(mask)
-    if m_shape == without:
+    # compare torch.Size objects, not ints: int() would pin symbolic sizes under torch.export
+    without = x.shape[:axis] + x.shape[axis + 1 :]
+    keep = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
+    if mask.shape == without:
         mask = mask.unsqueeze(axis)
-    elif m_shape != keep:
+    elif mask.shape != keep:
         raise ValueError(
-            f"mask shape {m_shape} does not fit x shape {x_shape} with channel axis {axis}: "
-            f"expected {without} or {keep}"
+            f"mask shape {_shape(mask)} does not fit x shape {_shape(x)} with channel axis {axis}: "
+            f"expected {_shape(without)} or {_shape(keep)}"
         )
     return mask if mask.dtype == torch.bool else mask != 0
 
