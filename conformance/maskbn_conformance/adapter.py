@@ -115,6 +115,47 @@ class Layer(Protocol):
         format into ``directory`` and return a freshly loaded layer."""
 
 
+@dataclass(frozen=True)
+class ShardedGradients:
+    """Gradients of the global loss ``sum over shards of sum(y_k * dy_k)``.
+
+    ``xs`` holds one d/dx per shard; ``gamma`` / ``beta`` are the gradients of
+    the global loss (the sum of the replicas' gradients), None when absent.
+    """
+
+    xs: list[Output]
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+
+
+@runtime_checkable
+class ShardedLayer(Protocol):
+    """One synchronized layer replicated over k shards (devices or processes).
+
+    Shard k gets ``xs[k]`` / ``masks[k]`` (a slice of the batch along axis 0);
+    statistics are merged across shards with the framework's own collective.
+    """
+
+    def forward(
+        self, xs: list[np.ndarray], x_dtype: str, masks: list[np.ndarray | None], training: bool
+    ) -> list[Output]:
+        """One call on every shard; returns each shard's output."""
+
+    def forward_backward(
+        self, xs: list[np.ndarray], x_dtype: str, masks: list[np.ndarray | None], dys: list[np.ndarray]
+    ) -> tuple[list[Output], ShardedGradients]:
+        """A training call and the backward of the global loss, on every shard."""
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The (replicated) state, as Layer.get_state."""
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Set the state on every replica."""
+
+    def close(self) -> None:
+        """Release processes or devices the layer holds."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A framework's entry point into the harness."""
@@ -130,6 +171,11 @@ class Backend(Protocol):
         """The framework's own unmasked batch norm with the same config, used
         for parity cases; it is only ever called with ``mask=None``. Raise
         Unsupported where the framework has none."""
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> ShardedLayer:
+        """Optional: a synchronized layer over ``num_shards`` replicas. A backend
+        without one simply lacks the method (or raises Unsupported): its
+        sharded cases become visible skips."""
 
     def expectations_path(self) -> Path | None:
         """The YAML file of this backend's expected skips/xfails/tolerance

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import reference as ref
 from .adapter import Backend
-from .runner import AS_WRITTEN, RefStep, Trace, Variant, run_backend, run_reference
+from .runner import AS_WRITTEN, RefStep, Trace, Variant, run_backend, run_reference, run_sharded
 from .spec import Case, Spec
 
 GARBAGE_FILLS = ("nan", "inf", "-inf", "huge", "random-bits")
@@ -38,7 +38,10 @@ class Runs:
         key = (backend.name, case.id, dtype, variant)
         if key not in self._traces:
             try:
-                self._traces[key] = run_backend(backend, case, dtype, variant)
+                run = (
+                    run_sharded(backend, case, dtype) if variant.sharded else run_backend(backend, case, dtype, variant)
+                )
+                self._traces[key] = run
             except Exception as exc:
                 self._traces[key] = exc
         found = self._traces[key]
@@ -447,6 +450,20 @@ def eval_ignores_mask(ctx: Context) -> None:
             checked = True
     if not checked:
         raise CheckFailed("the case has no eval step")
+
+
+@invariant
+def sharded_equals_unsharded(ctx: Context) -> None:
+    """Split over the case's shards (uneven masks, empty shards), the synchronized
+    layer gives the unsharded outputs, moving stats and gradients."""
+    if "shards" not in ctx.case.raw:
+        raise CheckFailed("sharded_equals_unsharded needs a case with a shard layout (shards: [...])")
+    base = ctx.trace()
+    sharded = ctx.trace(Variant(sharded=True))
+    _assert_runs_close(
+        ctx, base, sharded, f"{len(ctx.case.raw['shards'])} shards vs one batch",
+        ("train", "eval", "backward"), ("moving_mean", "moving_var"),
+    )  # fmt: skip
 
 
 @invariant

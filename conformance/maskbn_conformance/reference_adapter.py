@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reference as ref
-from .adapter import Gradients, LayerConfig, Output
+from .adapter import Gradients, LayerConfig, Output, ShardedGradients
 from .dtypes import round_to
 
 _FLOATS = {"float16", "bfloat16", "float32", "float64"}
@@ -105,6 +105,113 @@ class ReferenceLayer:
         return loaded
 
 
+def merge_moments(parts: list[tuple[float, np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray, np.ndarray]:
+    """Chan's parallel merge of per-shard (n, mean, M2 = centered sum of squares).
+
+    Count-weighted and exact: shards with n = 0 contribute nothing. This is
+    what a backend's collective must compute (an all-reduce of n and sum, then
+    of the squares centered on the global mean, gives the same).
+    """
+    n, mean, m2 = parts[0]
+    for n_b, mean_b, m2_b in parts[1:]:
+        total = n + n_b
+        if total == 0:
+            continue
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta**2 * (n * n_b / total)
+        n = total
+    return n, mean, m2
+
+
+class ReferenceShardedLayer:
+    """k replicas sharing statistics through an explicit (n, mean, M2) merge.
+
+    Each shard computes only its own moments; the merged moments replace the
+    batch statistics, so this is the reference for synchronized batch norm
+    rather than a disguised single-device run.
+    """
+
+    def __init__(self, config: LayerConfig, num_shards: int):
+        self.config = config
+        self.num_shards = num_shards
+        self.replica = ReferenceLayer(config)
+
+    def _merged(self, xs, x_dtype, masks):
+        parts, checked = [], []
+        for x, mask in zip(xs, masks, strict=True):
+            axis, real = self.replica._check(x, x_dtype, mask)
+            rows = ref.to_rows(x.astype(np.float64), axis)[real.reshape(-1)]
+            n = rows.shape[0]
+            mean = rows.mean(axis=0) if n else np.zeros(self.config.channels)
+            m2 = ((rows - mean) ** 2).sum(axis=0) if n else np.zeros(self.config.channels)
+            parts.append((n, mean, m2))
+            checked.append((axis, real))
+        n, mean, m2 = merge_moments(parts)
+        return checked, n, mean, (m2 / n if n else m2)
+
+    def _run(self, xs, x_dtype, masks, training):
+        checked, n, mean, var = self._merged(xs, x_dtype, masks)
+        full = self.replica._full_state()
+        if training and n:
+            d = self.config.decay
+            self.replica.set_state({"moving_mean": d * full["moving_mean"] + (1 - d) * mean,
+                                    "moving_var": d * full["moving_var"] + (1 - d) * var})  # fmt: skip
+        # normalize each shard with the merged stats: a training call with them as "moving" stats
+        stats = {"moving_mean": mean, "moving_var": var} if (training and n) else {}
+        results = []
+        for x, (axis, real) in zip(xs, checked, strict=True):
+            state = dict(full, **stats)
+            y, _, aux = ref.forward(x.astype(np.float64), real, state, self.replica._cfg(axis), False)
+            aux["n"] = n if training else 0
+            results.append((axis, y, aux))
+        return results
+
+    def forward(self, xs, x_dtype, masks, training):
+        return [Output(round_to(y, x_dtype), x_dtype) for _, y, _ in self._run(xs, x_dtype, masks, training)]
+
+    def forward_backward(self, xs, x_dtype, masks, dys):
+        results = self._run(xs, x_dtype, masks, True)
+        # the global sums of dy and dy * xhat over every shard's real rows
+        dbeta = sum(to_real(dy, aux, axis).sum(axis=0) for (axis, _, aux), dy in zip(results, dys, strict=True))
+        dgamma = sum(
+            (to_real(dy, aux, axis) * aux["xhat"][aux["real"]]).sum(axis=0)
+            for (axis, _, aux), dy in zip(results, dys, strict=True)
+        )
+        outs, dxs = [], []
+        for (axis, y, aux), dy in zip(results, dys, strict=True):
+            dx_rows = np.zeros_like(ref.to_rows(dy.astype(np.float64), axis))
+            n = aux["n"]
+            if n:
+                real = aux["real"]
+                dy_real = ref.to_rows(dy.astype(np.float64), axis)[real]
+                dx_rows[real] = (aux["gamma"] * aux["inv_std"]) * (dy_real - dbeta / n - aux["xhat"][real] * dgamma / n)
+            dxs.append(Output(round_to(ref.from_rows(dx_rows, dy.shape, axis), x_dtype), x_dtype))
+            outs.append(Output(round_to(y, x_dtype), x_dtype))
+        store = self.replica._store
+        zero = np.zeros(self.config.channels)
+        has_rows = results[0][2]["n"] > 0
+        grads = ShardedGradients(
+            xs=dxs,
+            gamma=(dgamma if has_rows else zero).astype(store) if self.config.scale else None,
+            beta=(dbeta if has_rows else zero).astype(store) if self.config.center else None,
+        )
+        return outs, grads
+
+    def get_state(self):
+        return self.replica.get_state()
+
+    def set_state(self, state):
+        self.replica.set_state(state)
+
+    def close(self):
+        pass
+
+
+def to_real(dy: np.ndarray, aux: dict, axis: int) -> np.ndarray:
+    return ref.to_rows(dy.astype(np.float64), axis)[aux["real"]]
+
+
 class ReferenceBackend:
     """The float64 oracle, run through the adapter protocol."""
 
@@ -117,6 +224,9 @@ class ReferenceBackend:
         # unmasked batch norm is the masked one with every row real, and the
         # harness only calls a stock layer without a mask
         return ReferenceLayer(config)
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> ReferenceShardedLayer:
+        return ReferenceShardedLayer(config, num_shards)
 
     def expectations_path(self) -> Path | None:
         return None

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import reference as ref
-from .adapter import Backend, Gradients, LayerConfig, Output, Unsupported
+from .adapter import Backend, Gradients, LayerConfig, Output, ShardedLayer, Unsupported
 from .inputs import StepInputs, build_step_inputs, normalize_axis, state_value
 from .spec import Case
 
@@ -34,6 +34,8 @@ class Variant:
     stock: bool = False
     #: in eval steps, pass this mask pattern instead of the case's
     eval_mask: str | None = None
+    #: split the batch over the case's shards and run the synchronized layer
+    sharded: bool = False
 
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in self.__dict__.items() if v not in (None, False)]
@@ -186,6 +188,53 @@ def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_
                 record.error = exc
             record.state_after = layer.get_state()
             trace.steps.append(record)
+    return trace
+
+
+def _split(array: np.ndarray | None, sizes: list[int]) -> list[np.ndarray | None]:
+    if array is None:
+        return [None] * len(sizes)
+    return np.split(array, np.cumsum(sizes)[:-1], axis=0)
+
+
+def _concat(outputs: list[Output]) -> Output:
+    return Output(np.concatenate([o.value for o in outputs], axis=0), outputs[0].dtype)
+
+
+def run_sharded(backend: Backend, case: Case, dtype: str) -> Trace:
+    """The case with every step's batch split over ``case.raw["shards"]`` (batch
+    items per shard) and run on the backend's synchronized layer."""
+    config = layer_config(case, dtype)
+    sizes = list(case.raw["shards"])
+    make = getattr(backend, "sharded_layer", None)
+    if make is None:
+        raise Unsupported(f"backend {backend.name} has no synchronized (sharded) layer")
+    trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=Variant(sharded=True), config=config)
+    layer: ShardedLayer = make(config, len(sizes))
+    try:
+        layer.set_state(_state_for_layer(initial_state(case, config.channels), config))
+        for index, step in enumerate(expand_steps(case)):
+            inputs = step_inputs(case, step, index, dtype, AS_WRITTEN)
+            xs, masks = _split(inputs.x, sizes), _split(inputs.mask, sizes)
+            before = layer.get_state()
+            record = StepRecord(index, step["call"], inputs, before, before, expects_error=step.get("raises"))
+            try:
+                if step["call"] in ("train", "eval"):
+                    record.output = _concat(layer.forward(xs, inputs.x_dtype, masks, step["call"] == "train"))
+                elif step["call"] == "backward":
+                    outs, grads = layer.forward_backward(xs, inputs.x_dtype, masks, _split(inputs.dy, sizes))
+                    record.output = _concat(outs)
+                    record.grads = Gradients(_concat(grads.xs), grads.gamma, grads.beta)
+                else:
+                    raise ValueError(f"step {step['call']!r} cannot run sharded")
+            except Unsupported:
+                raise
+            except Exception as exc:
+                record.error = exc
+            record.state_after = layer.get_state()
+            trace.steps.append(record)
+    finally:
+        layer.close()
     return trace
 
 

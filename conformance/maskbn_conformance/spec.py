@@ -124,6 +124,10 @@ class Spec:
                 problems.append(
                     f"{where}: field description: {len(case.description)} characters, at most {MAX_DESCRIPTION}"
                 )
+            shards = case.raw.get("shards")
+            batch = _batch_size(case)
+            if shards is not None and batch is not None and sum(shards) != batch:
+                problems.append(f"{where}: field shards: {shards} sums to {sum(shards)}, the batch has {batch} items")
             for dtype in case.dtypes:
                 if dtype not in self.tolerances:
                     problems.append(f"{where}: field dtypes: no tolerances for {dtype!r}")
@@ -134,6 +138,13 @@ class Spec:
             if case.id == case_id:
                 return case
         raise KeyError(f"no case {case_id!r} in {self.root}")
+
+
+def _batch_size(case: Case) -> int | None:
+    x = case.inputs["x"]
+    if "shape" in x:
+        return int(x["shape"][0])
+    return len(x["literal"]) if "literal" in x else None
 
 
 def _expectations(items: list) -> dict[str, dict[str, Any]]:

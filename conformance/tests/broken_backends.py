@@ -13,7 +13,7 @@ import numpy as np
 from maskbn_conformance import reference as ref
 from maskbn_conformance.adapter import Gradients, LayerConfig, Output
 from maskbn_conformance.dtypes import round_to
-from maskbn_conformance.reference_adapter import ReferenceLayer
+from maskbn_conformance.reference_adapter import ReferenceLayer, ReferenceShardedLayer
 
 
 class MultipliesByMask(ReferenceLayer):
@@ -208,6 +208,20 @@ class UpdatesBeforeValidating(ReferenceLayer):
         return super()._check(x, x_dtype, mask)
 
 
+class AveragesShardMeans(ReferenceShardedLayer):
+    """Merges shards with a plain mean of their means and variances (pmean):
+    biased as soon as shards hold different numbers of real rows."""
+
+    def _merged(self, xs, x_dtype, masks):
+        checked, n, _, _ = super()._merged(xs, x_dtype, masks)
+        means, variances = [], []
+        for x, (axis, real) in zip(xs, checked, strict=True):
+            rows = ref.to_rows(x.astype(np.float64), axis)[real.reshape(-1)]
+            means.append(rows.mean(axis=0) if len(rows) else np.zeros(self.config.channels))
+            variances.append(rows.var(axis=0) if len(rows) else np.zeros(self.config.channels))
+        return checked, n, np.mean(means, axis=0), np.mean(variances, axis=0)
+
+
 def _channel_view(x: np.ndarray, axis: int) -> list[int]:
     view = [1] * x.ndim
     view[axis] = x.shape[axis]
@@ -215,11 +229,16 @@ def _channel_view(x: np.ndarray, axis: int) -> list[int]:
 
 
 class BrokenBackend:
-    """A backend whose masked layer is one of the classes above."""
+    """A backend whose masked (or synchronized) layer is one of the classes above."""
 
-    def __init__(self, layer_class: type[ReferenceLayer]):
-        self.layer_class = layer_class
+    def __init__(self, layer_class: type):
+        sharded = issubclass(layer_class, ReferenceShardedLayer)
+        self.layer_class = ReferenceLayer if sharded else layer_class
+        self.sharded_class = layer_class if sharded else ReferenceShardedLayer
         self.name = f"broken-{layer_class.__name__}"
+
+    def sharded_layer(self, config, num_shards):
+        return self.sharded_class(config, num_shards)
 
     def layer(self, config):
         return self.layer_class(config)
