@@ -114,6 +114,11 @@ class Layer(Protocol):
         """Serialize this layer (config + state) through the framework's own
         format into ``directory`` and return a freshly loaded layer."""
 
+    def export_portable(self, directory: Path) -> None:
+        """Optional: write config + state in the framework-neutral portable
+        format (spec/README.md, "Portable state") into ``directory``, through
+        the backend's public API."""
+
 
 @dataclass(frozen=True)
 class ShardedGradients:
@@ -176,6 +181,15 @@ class Backend(Protocol):
         """Optional: a synchronized layer over ``num_shards`` replicas. A backend
         without one simply lacks the method (or raises Unsupported): its
         sharded cases become visible skips."""
+
+    def import_portable(self, directory: Path) -> Layer:
+        """Optional: a layer loaded from the portable format, written by any
+        backend, through this backend's public API."""
+
+    def from_stock_checkpoint(self, stock: Layer, directory: Path) -> Layer:
+        """Optional: save ``stock`` (a ``stock_layer``) with the framework's
+        usual checkpoint (state_dict, Keras weights, Flax variables) into
+        ``directory`` and load that checkpoint into a new masked layer."""
 
     def expectations_path(self) -> Path | None:
         """The YAML file of this backend's expected skips/xfails/tolerance

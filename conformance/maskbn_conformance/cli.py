@@ -16,7 +16,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .harness import LoadedBackend, checks_for, installed_backends, load_backend, run_check, unused_expectations
+from .harness import (
+    LoadedBackend,
+    checks_for,
+    cross_checks,
+    installed_backends,
+    load_backend,
+    run_check,
+    run_cross_check,
+    unused_expectations,
+)
 from .invariants import Runs
 from .spec import Spec, SpecError, find_spec_root
 
@@ -95,6 +104,18 @@ def cmd_report(args) -> int:
         for counter in results[loaded.name]["cases"].values():
             totals.update(counter)
 
+    # portable state across backends: rows export, columns import
+    usable = {b.name: b for b in backends if b.backend is not None}
+    cross: dict[tuple[str, str], Counter] = {}
+    for check in cross_checks(spec, list(usable)):
+        outcome = run_cross_check(check, usable, spec)
+        cross.setdefault((check.source, check.target), Counter())[outcome.status] += 1
+        totals[outcome.status] += 1
+        if outcome.status != "passed":
+            results[check.source]["problems"].append(
+                f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  ")
+            )
+
     names = [b.name for b in backends]
     header = "| case | " + " | ".join(names) + " |"
     lines = [header, "|" + "---|" * (len(names) + 1)]
@@ -111,6 +132,11 @@ def cmd_report(args) -> int:
             c.update(counter)
         summary_cells.append(_cell(c))
     lines.append("| **all** | " + " | ".join(summary_cells) + " |")
+    if cross:
+        lines += ["", "Portable state (rows export, columns import):", "", "| from \\ to | " + " | ".join(usable) + " |",
+                  "|" + "---|" * (len(usable) + 1)]  # fmt: skip
+        for a in usable:
+            lines.append(f"| {a} | " + " | ".join(_cell(cross.get((a, b))) if a != b else "" for b in usable) + " |")
     matrix = "\n".join(lines)
 
     problems = [p for n in names for p in results[n]["problems"]]

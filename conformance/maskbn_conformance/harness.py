@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 
 from .adapter import ENTRY_POINT_GROUP, Backend, Unsupported
 from .expectations import Expectation, find, load_expectations
-from .invariants import INVARIANTS, CheckFailed, Context, Runs
+from .invariants import INVARIANTS, CheckFailed, Context, Runs, cross_portable
 from .spec import Case, Spec
 
 # TensorFlow loaded before torch in one process can segfault: torch goes first.
@@ -131,3 +131,41 @@ def unused_expectations(loaded: LoadedBackend, checks: list[Check]) -> list[Expe
         for e in loaded.expectations
         if not any(e.matches(c.case.id, c.dtype, c.invariant) for c in checks if c.backend == loaded.name)
     ]
+
+
+@dataclass(frozen=True)
+class CrossCheck:
+    """A layer trained in ``source``, exported to the portable format, imported by ``target``."""
+
+    source: str
+    target: str
+    case: Case
+
+    @property
+    def id(self) -> str:
+        return f"portable-{self.source}-to-{self.target}-{self.case.id}"
+
+    def repro(self) -> str:
+        return f"pytest spec/schema.json --backend {self.source} --backend {self.target} -k {shlex.quote(self.id)}"
+
+
+def cross_checks(spec: Spec, names: list[str]) -> list[CrossCheck]:
+    """Every ordered pair of distinct backends, on every case that expects portable_round_trip."""
+    cases = [c for c in spec.cases if "portable_round_trip" in c.expect]
+    return [CrossCheck(a, b, c) for a in names for b in names if a != b for c in cases]
+
+
+def run_cross_check(check: CrossCheck, backends: dict[str, LoadedBackend], spec: Spec) -> Outcome:
+    source, target = backends[check.source], backends[check.target]
+    if source.backend is None or target.backend is None:
+        return Outcome("error", source.error or target.error or "")
+    ctx = Context(backend=source.backend, case=check.case, dtype="float32", spec=spec, runs=Runs())
+    try:
+        cross_portable(ctx, target.backend)
+    except Unsupported as exc:
+        return Outcome("skipped", f"cannot run this direction: {exc}")
+    except CheckFailed as exc:
+        return Outcome("failed", f"{check.id}: {check.case.description}\n{exc}\nrepro: {check.repro()}")
+    except Exception:
+        return Outcome("error", f"{check.id}\n{traceback.format_exc()}\nrepro: {check.repro()}")
+    return Outcome("passed")

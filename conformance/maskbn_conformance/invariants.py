@@ -8,14 +8,16 @@ keep the two in step.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import reference as ref
-from .adapter import Backend
+from .adapter import Backend, Unsupported
 from .runner import AS_WRITTEN, RefStep, Trace, Variant, run_backend, run_reference, run_sharded
 from .spec import Case, Spec
 
@@ -506,6 +508,85 @@ def round_trip_preserves_layer(ctx: Context) -> None:
                 record.state_after[key], record.state_before[key], f"step {record.index} {key} after loading"
             )
         assert_identical(record.eval_after.value, record.eval_before.value, f"step {record.index} eval y after loading")
+
+
+def _trained_layer(ctx: Context, layer):
+    """``layer`` after the case's train steps (masks passed unless it is a stock layer)."""
+    from .runner import _state_for_layer, initial_state, step_inputs
+
+    config = layer_config_of(ctx)
+    layer.set_state(_state_for_layer(initial_state(ctx.case, config.channels), config))
+    last = None
+    for index, step in enumerate(expand_raw_steps(ctx.case)):
+        if step[1]["call"] != "train":
+            continue
+        last = step_inputs(ctx.case, step[1], index, ctx.dtype, AS_WRITTEN)
+        layer.forward(last.x, last.x_dtype, last.mask, training=True)
+    if last is None:
+        raise CheckFailed("the case has no train step to build state with")
+    return layer, last
+
+
+def layer_config_of(ctx: Context):
+    from .runner import layer_config
+
+    return layer_config(ctx.case, ctx.dtype)
+
+
+def _optional(backend, method: str):
+    found = getattr(backend, method, None)
+    if found is None:
+        raise Unsupported(f"backend {getattr(backend, 'name', backend)} has no {method}")
+    return found
+
+
+def _assert_same_layer(ctx: Context, a, b, inputs, label: str, exact: bool) -> None:
+    state_a, state_b = a.get_state(), b.get_state()
+    if sorted(state_a) != sorted(state_b):
+        raise CheckFailed(f"{label}: state keys {sorted(state_a)} -> {sorted(state_b)}")
+    for key in state_a:
+        assert_identical(state_b[key].astype(state_a[key].dtype), state_a[key], f"{label}: {key}")
+    ya = a.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False).value
+    yb = b.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False).value
+    if exact:
+        assert_identical(yb, ya, f"{label}: eval y")
+    else:
+        assert_close(yb, ya, ctx.tol("output"), f"{label}: eval y")
+
+
+@invariant
+def portable_round_trip(ctx: Context) -> None:
+    """Exported to the neutral portable format and imported back, a trained layer keeps every state bit and output."""
+    layer, inputs = _trained_layer(ctx, ctx.backend.layer(layer_config_of(ctx)))
+    export = _optional(layer, "export_portable")
+    with tempfile.TemporaryDirectory(prefix="maskbn-portable-") as tmp:
+        export(Path(tmp))
+        loaded = _optional(ctx.backend, "import_portable")(Path(tmp))
+    _assert_same_layer(ctx, layer, loaded, inputs, "portable export then import", exact=True)
+
+
+@invariant
+def loads_stock_checkpoint(ctx: Context) -> None:
+    """A trained stock batch norm's usual checkpoint loads into the masked layer: same state, same eval outputs."""
+    config = layer_config_of(ctx)
+    stock, inputs = _trained_layer(ctx, ctx.backend.stock_layer(config))
+    if inputs.mask is not None:
+        raise CheckFailed("loads_stock_checkpoint needs a case without a mask (the stock layer takes none)")
+    convert = _optional(ctx.backend, "from_stock_checkpoint")
+    with tempfile.TemporaryDirectory(prefix="maskbn-stock-") as tmp:
+        masked = convert(stock, Path(tmp))
+    _assert_same_layer(ctx, stock, masked, inputs, "stock checkpoint into the masked layer", exact=False)
+
+
+def cross_portable(ctx: Context, target) -> None:
+    """A layer trained in ctx.backend, exported, imported by ``target``: same state bits, same eval outputs."""
+    layer, inputs = _trained_layer(ctx, ctx.backend.layer(layer_config_of(ctx)))
+    export = _optional(layer, "export_portable")
+    load = _optional(target, "import_portable")
+    with tempfile.TemporaryDirectory(prefix="maskbn-portable-") as tmp:
+        export(Path(tmp))
+        loaded = load(Path(tmp))
+    _assert_same_layer(ctx, layer, loaded, inputs, f"{ctx.backend.name} -> {target.name}", exact=False)
 
 
 @invariant

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Check, LoadedBackend, checks_for, installed_backends, load_backend, run_check, unused_expectations
+from .harness import (
+    Check,
+    CrossCheck,
+    LoadedBackend,
+    checks_for,
+    cross_checks,
+    installed_backends,
+    load_backend,
+    run_check,
+    run_cross_check,
+    unused_expectations,
+)
 from .invariants import Runs
 from .spec import Spec, SpecError
 
@@ -112,6 +123,26 @@ class SpecRoot(pytest.File):
                 yield ExpectationsUsedItem.from_parent(
                     self, name=f"{loaded.name}-expectations-all-used", loaded=loaded, spec=spec
                 )
+        usable = {b.name: b for b in _backends(self.config) if b.backend is not None}
+        for check in cross_checks(spec, list(usable)):
+            yield CrossItem.from_parent(self, name=check.id, check=check, backends=usable, spec=spec)
+
+
+class CrossItem(pytest.Item):
+    """Portable state written by one backend and read by another."""
+
+    def __init__(self, *, check: CrossCheck, backends: dict, spec: Spec, **kwargs):
+        super().__init__(**kwargs)
+        self.check = check
+        self.backends = backends
+        self.spec = spec
+
+    def runtest(self) -> None:
+        outcome = run_cross_check(self.check, self.backends, self.spec)
+        if outcome.status == "skipped":
+            pytest.skip(outcome.message)
+        if outcome.status != "passed":
+            pytest.fail(f"[{outcome.status}] {outcome.message}", pytrace=False)
 
 
 class LintItem(pytest.Item):

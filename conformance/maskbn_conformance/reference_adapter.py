@@ -35,6 +35,8 @@ class ReferenceLayer:
         if x_dtype not in _FLOATS:
             raise TypeError(f"x must be a floating tensor, got dtype {x_dtype}")
         rank = x.ndim
+        if x.size == 0:
+            raise ValueError(f"x of shape {tuple(x.shape)} is empty: batch norm needs at least one position")
         if not -rank <= self.config.axis < rank:
             raise ValueError(f"channel axis {self.config.axis} is out of range for x of shape {tuple(x.shape)}")
         axis = self.config.axis % rank
@@ -94,6 +96,12 @@ class ReferenceLayer:
         for key, value in state.items():
             if key in self.state:
                 self.state[key] = np.asarray(value, dtype=self._store).copy()
+
+    def export_portable(self, directory: Path) -> None:
+        c = self.config
+        config = {"channels": c.channels, "axis": c.axis, "decay": c.decay, "epsilon": c.epsilon,
+                  "center": c.center, "scale": c.scale, "padded_output": c.padded_output}  # fmt: skip
+        write_portable(directory, config, self.state)
 
     def round_trip(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
@@ -212,6 +220,24 @@ def to_real(dy: np.ndarray, aux: dict, axis: int) -> np.ndarray:
     return ref.to_rows(dy.astype(np.float64), axis)[aux["real"]]
 
 
+PORTABLE_FORMAT = "maskbn-portable"
+
+
+def write_portable(directory: Path, config: dict, state: dict[str, np.ndarray]) -> None:
+    """The neutral format of spec/README.md ("Portable state"), written with NumPy only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "maskbn.json").write_text(json.dumps({"format": PORTABLE_FORMAT, "version": 1, **config}, indent=2))
+    np.savez(directory / "maskbn.npz", **state)
+
+
+def read_portable(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    config = json.loads((directory / "maskbn.json").read_text())
+    if config.pop("format", None) != PORTABLE_FORMAT or config.pop("version", None) != 1:
+        raise ValueError(f"{directory / 'maskbn.json'} is not a version 1 {PORTABLE_FORMAT} file")
+    with np.load(directory / "maskbn.npz") as saved:
+        return config, dict(saved)
+
+
 class ReferenceBackend:
     """The float64 oracle, run through the adapter protocol."""
 
@@ -224,6 +250,22 @@ class ReferenceBackend:
         # unmasked batch norm is the masked one with every row real, and the
         # harness only calls a stock layer without a mask
         return ReferenceLayer(config)
+
+    def import_portable(self, directory: Path) -> ReferenceLayer:
+        config, state = read_portable(directory)
+        dtype = "float64" if state["moving_mean"].dtype == np.float64 else "float32"
+        layer = ReferenceLayer(LayerConfig(rank=0, dtype=dtype, **config))
+        layer.set_state(state)
+        return layer
+
+    def from_stock_checkpoint(self, stock: ReferenceLayer, directory: Path) -> ReferenceLayer:
+        # the reference's "usual checkpoint" is its npz of state
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / "stock.npz", **stock.state)
+        layer = ReferenceLayer(stock.config)
+        with np.load(directory / "stock.npz") as saved:
+            layer.set_state(dict(saved))
+        return layer
 
     def sharded_layer(self, config: LayerConfig, num_shards: int) -> ReferenceShardedLayer:
         return ReferenceShardedLayer(config, num_shards)

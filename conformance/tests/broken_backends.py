@@ -13,7 +13,7 @@ import numpy as np
 from maskbn_conformance import reference as ref
 from maskbn_conformance.adapter import Gradients, LayerConfig, Output
 from maskbn_conformance.dtypes import round_to
-from maskbn_conformance.reference_adapter import ReferenceLayer, ReferenceShardedLayer
+from maskbn_conformance.reference_adapter import ReferenceBackend, ReferenceLayer, ReferenceShardedLayer
 
 
 class MultipliesByMask(ReferenceLayer):
@@ -228,7 +228,19 @@ def _channel_view(x: np.ndarray, axis: int) -> list[int]:
     return view
 
 
-class BrokenBackend:
+class LossyPortableExport(ReferenceLayer):
+    """Writes gamma rounded to float16 into the portable file."""
+
+    def export_portable(self, directory: Path) -> None:
+        saved = self.state
+        self.state = dict(saved, gamma=saved["gamma"].astype(np.float16).astype(self._store))
+        try:
+            super().export_portable(directory)
+        finally:
+            self.state = saved
+
+
+class BrokenBackend(ReferenceBackend):
     """A backend whose masked (or synchronized) layer is one of the classes above."""
 
     def __init__(self, layer_class: type):
@@ -243,8 +255,13 @@ class BrokenBackend:
     def layer(self, config):
         return self.layer_class(config)
 
-    def stock_layer(self, config):
-        return ReferenceLayer(config)
 
-    def expectations_path(self):
-        return None
+class StockCheckpointLosesMovingVar(ReferenceBackend):
+    """Loads a stock checkpoint but forgets the moving variance (a renamed key, say)."""
+
+    name = "broken-StockCheckpointLosesMovingVar"
+
+    def from_stock_checkpoint(self, stock, directory):
+        layer = super().from_stock_checkpoint(stock, directory)
+        layer.set_state({"moving_var": np.ones(layer.config.channels)})
+        return layer
