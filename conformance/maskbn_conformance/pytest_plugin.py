@@ -4,7 +4,8 @@
 ``torch-half-mask-float16-moving_stats_match_reference``, so ``-k
 torch-half-mask`` runs one case. ``spec/schema.json`` collects the spec lint
 and, per backend, ``<backend>-installed`` and ``<backend>-expectations-all-used``.
-Without ``--backend`` every installed backend runs.
+Without ``--backend`` every installed backend runs. Any test that takes a
+``maskbn_backend`` argument is parametrized over the same backends.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def _spec(config: pytest.Config, root: Path) -> Spec:
     if root not in cache:
         cache[root] = Spec(root)
     return cache[root]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests asking for ``maskbn_backend`` (a LoadedBackend) run once per selected,
+    loadable backend, with the backend's name as id (``test_x[torch]``)."""
+    if "maskbn_backend" in metafunc.fixturenames:
+        usable = [b for b in _backends(metafunc.config) if b.backend is not None]
+        metafunc.parametrize("maskbn_backend", usable, ids=[b.name for b in usable])
 
 
 def _is_spec_root(folder: Path) -> bool:
