@@ -8,6 +8,7 @@ no Python branch on a tensor value (the empty-mask fallback is a `where`).
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import constraints, initializers, ops, regularizers
 
 PADDED_OUTPUTS = ("normalize", "zero")
@@ -77,8 +78,11 @@ class MaskedBatchNormalization(keras.layers.Layer):
         moving_variance_initializer: initializers of the four weights.
         beta_regularizer, gamma_regularizer: optional regularizers.
         beta_constraint, gamma_constraint: optional constraints.
-        synchronized: merge statistics across replicas of a `tf.distribute` strategy.
-            Not supported yet: True raises ValueError.
+        synchronized: in training under a `tf.distribute` strategy with several
+            replicas, merge the per-replica (count, sum, centred sum of squares)
+            with an all-reduce, so every replica normalizes with the statistics of
+            the whole global batch (replicas without any real row included); the
+            backward pass all-reduces its sums too. TensorFlow backend only.
         padded_output: ``"normalize"`` (padded rows are normalized like real
             ones, as a stock batch norm would) or ``"zero"`` (padded rows of the
             output are exactly 0).
@@ -121,10 +125,10 @@ class MaskedBatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if synchronized:
+        if synchronized and keras.config.backend() != "tensorflow":
             raise ValueError(
-                "MaskedBatchNormalization(synchronized=True) is not supported yet: cross-replica "
-                "statistics are not implemented; use synchronized=False (per-replica statistics)"
+                "MaskedBatchNormalization(synchronized=True) merges statistics through tf.distribute and "
+                f"needs the TensorFlow backend; Keras runs on {keras.config.backend()!r}"
             )
         if padded_output not in PADDED_OUTPUTS:
             raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
@@ -265,6 +269,8 @@ class MaskedBatchNormalization(keras.layers.Layer):
         use_batch = bool(training) and self.trainable
 
         if use_batch:
+            # Identity on one device; a cross-replica sum under a synchronized strategy.
+            replica_sum = self._replica_sum()
             if m is None:
                 n = 1
                 for i in red:
@@ -272,16 +278,16 @@ class MaskedBatchNormalization(keras.layers.Layer):
                 n = ops.cast(n, cdt)
             else:
                 n = ops.cast(ops.sum(ops.cast(m, "int32")), cdt)
+            xs = real_or(x, 0.0)
+            n, total = replica_sum(n, ops.sum(xs, axis=red, keepdims=True))
             n_safe = ops.maximum(n, 1.0)
             has_rows = ops.greater(n, 0.0)
-            xs = real_or(x, 0.0)
-            batch_mean = ops.sum(xs, axis=red, keepdims=True) / n_safe
+            batch_mean = total / n_safe
             # corrected two-pass: the centred sum corrects the rounding of the mean, so the
             # variance keeps its relative accuracy for |mean| / std up to 1e6.
             d = real_or(xs - batch_mean, 0.0)
-            batch_var = ops.sum(d * d, axis=red, keepdims=True) / n_safe - ops.square(
-                ops.sum(d, axis=red, keepdims=True) / n_safe
-            )
+            sum_sq, sum_d = replica_sum(ops.sum(d * d, axis=red, keepdims=True), ops.sum(d, axis=red, keepdims=True))
+            batch_var = sum_sq / n_safe - ops.square(sum_d / n_safe)
             batch_var = ops.maximum(batch_var, 0.0)
             # The custom gradient below already accounts for the statistics' dependence on x.
             batch_mean = ops.stop_gradient(batch_mean)
@@ -292,8 +298,9 @@ class MaskedBatchNormalization(keras.layers.Layer):
         else:
             n_safe = has_rows = None
             mean, var = moving_mean, moving_var
+            replica_sum = None
 
-        y = self._normalize(x, m, red, mean, var, per_channel, n_safe, has_rows)
+        y = self._normalize(x, m, red, mean, var, per_channel, n_safe, replica_sum)
 
         if use_batch:
             # Shape validation ran above, so a call that raises never reaches these updates.
@@ -306,12 +313,39 @@ class MaskedBatchNormalization(keras.layers.Layer):
         new = ops.where(has_rows, new, moving)
         variable.assign(ops.cast(ops.reshape(new, (self.channels,)), variable.dtype))
 
-    def _normalize(self, x, m, red, mean, var, per_channel, n_safe, has_rows):
+    def _replica_sum(self):
+        """f(*tensors) -> the tensors summed over the replicas that share the batch statistics.
+
+        The identity unless ``synchronized`` and inside a replica context with more
+        than one replica. The tensors go through a single all-reduce, packed flat.
+        """
+
+        def local(*tensors):
+            return tensors
+
+        if not self.synchronized:
+            return local
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return local
+
+        def summed(*tensors):
+            flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+            flat = context.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+            sizes = [int(np.prod(t.shape)) for t in tensors]
+            return tuple(tf.reshape(part, tf.shape(t)) for part, t in zip(tf.split(flat, sizes), tensors))
+
+        return summed
+
+    def _normalize(self, x, m, red, mean, var, per_channel, n_safe, replica_sum):
         """y = gamma * (x - mean) * rsqrt(var + eps) + beta with the masked-BN gradient.
 
-        ``n_safe`` / ``has_rows`` are None when ``mean`` / ``var`` are the moving
-        statistics (constants); otherwise they are the batch statistics of x's
-        real rows and the backward pass includes their dependence on x.
+        ``n_safe`` / ``replica_sum`` are None when ``mean`` / ``var`` are the
+        moving statistics (constants); otherwise ``mean`` / ``var`` are the batch
+        statistics of the real rows (of every replica, through ``replica_sum``)
+        and the backward pass includes their dependence on x.
         """
         r = ops.rsqrt(var + self.epsilon)
         params = []
@@ -349,10 +383,13 @@ class MaskedBatchNormalization(keras.layers.Layer):
                 s2 = ops.sum(dy_real * xhat, axis=red, keepdims=True)
                 g = dy_real
                 if n_safe is not None:
-                    # Batch statistics depend on every real row. With no real row, dy_real, s1
-                    # and s2 are all 0, so this term is 0 and the gradient is all zeros.
-                    g = dy_real - (s1 + xhat * s2) / n_safe
+                    # Batch statistics depend on every real row (of every replica: the sums are
+                    # merged like the forward's). With no real row, dy_real, s1 and s2 are all
+                    # 0, so this term is 0 and the gradient is all zeros.
+                    all_s1, all_s2 = replica_sum(s1, s2)
+                    g = dy_real - (all_s1 + xhat * all_s2) / n_safe
                 dx = real_or(factor * g, 0.0)
+                # gamma/beta get this replica's share; the optimizer sums the replicas' gradients.
                 grads = [dx]
                 if scale:
                     grads.append(ops.cast(ops.reshape(s2, params[0].shape), params[0].dtype))

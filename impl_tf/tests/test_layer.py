@@ -179,11 +179,14 @@ def test_mask_with_size_one_channel_axis_channels_first(rng, masked_moments):
     np.testing.assert_allclose(layer.moving_variance, var, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [({"synchronized": True}, "not supported yet"), ({"padded_output": "drop"}, "padded_output")],
-    ids=["synchronized", "padded_output"],
-)
-def test_unsupported_options_raise(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        MaskedBatchNormalization(**kwargs)
+def test_unknown_padded_output_raises():
+    with pytest.raises(ValueError, match="padded_output"):
+        MaskedBatchNormalization(padded_output="drop")
+
+
+def test_synchronized_outside_a_strategy_is_the_local_layer(padded_batch):
+    x, mask = padded_batch
+    synced, local = MaskedBatchNormalization(synchronized=True), MaskedBatchNormalization()
+    np.testing.assert_array_equal(synced(x, training=True, mask=mask), local(x, training=True, mask=mask))
+    for got, want in zip(synced.get_weights(), local.get_weights()):
+        np.testing.assert_array_equal(got, want)
