@@ -9,6 +9,14 @@
 from . import functional
 from .functional import masked_batch_norm
 from .modules import MaskedBatchNorm, convert_batchnorm
+from .portable import load_portable, save_portable
 
-__all__ = ["MaskedBatchNorm", "convert_batchnorm", "functional", "masked_batch_norm"]
+__all__ = [
+    "MaskedBatchNorm",
+    "convert_batchnorm",
+    "functional",
+    "load_portable",
+    "masked_batch_norm",
+    "save_portable",
+]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from torch import nn
 from maskbn_conformance.adapter import Gradients, LayerConfig, Output, Unsupported
 
 from .modules import MaskedBatchNorm
+from .portable import load_portable, save_portable
 
 _STATE_NAMES = {
     "gamma": "weight",
@@ -150,6 +151,11 @@ class TorchLayer:
         params = module.bn if isinstance(module, _StockBatchNorm) else module
         return TorchLayer(module, params)
 
+    def export_portable(self, directory: Path) -> None:
+        if not isinstance(self.module, MaskedBatchNorm):
+            raise Unsupported("only the masked layer writes the portable format")
+        save_portable(self.module, directory)
+
 
 class TorchBackend:
     """maskbn_torch for the conformance harness."""
@@ -171,6 +177,28 @@ class TorchBackend:
     def stock_layer(self, config: LayerConfig) -> TorchLayer:
         module = _StockBatchNorm(config)
         return TorchLayer(module, module.bn)
+
+    def import_portable(self, directory: Path) -> TorchLayer:
+        module = load_portable(directory)
+        return TorchLayer(module, module)
+
+    def from_stock_checkpoint(self, stock: TorchLayer, directory: Path) -> TorchLayer:
+        # torch's usual checkpoint: the stock layer's state_dict through torch.save,
+        # loaded (weights_only) into a masked layer built with the same configuration
+        bn = stock.params
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "batchnorm.pt"
+        torch.save(bn.state_dict(), path)
+        module = MaskedBatchNorm(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            channel_axis=stock.module.axis,
+            dtype=bn.running_mean.dtype,
+        )
+        module.load_state_dict(torch.load(path, weights_only=True))
+        return TorchLayer(module, module)
 
     def expectations_path(self) -> Path | None:
         return Path(__file__).with_name("conformance_expectations.yaml")

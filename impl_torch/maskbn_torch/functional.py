@@ -43,6 +43,8 @@ def _check_input(x: Tensor) -> None:
         raise TypeError(f"x must have a floating dtype, got dtype {dtype_name(x.dtype)}")
     if x.dim() < 1:
         raise ValueError(f"x must have a channel axis, got a 0-dim tensor (x shape {_shape(x)})")
+    if x.numel() == 0:
+        raise ValueError(f"x shape {_shape(x)} is empty: batch norm needs at least one position per channel")
 
 
 def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
@@ -68,9 +70,30 @@ def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def _where0(m: Tensor | None, t: Tensor) -> Tensor:
-    # `where`, never `t * m`: NaN/Inf in padded positions must not leak (NaN * 0 = NaN)
-    return t if m is None else torch.where(m, t, torch.zeros((), dtype=t.dtype, device=t.device))
+# the integer type of each float type's width, for the bitwise select below
+_BITS = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+def _keep_bits(m: Tensor, dtype: torch.dtype) -> Tensor:
+    """All bits set on real positions, 0 on padded ones, in the integer type of ``dtype``'s width."""
+    return m.to(_BITS[dtype]).neg_()
+
+
+def _select(t: Tensor, keep: Tensor, *, inplace: bool) -> Tensor:
+    """``where(mask, t, +0.0)``, bit for bit, as an AND of t's bits with ``keep``.
+
+    A select, never ``t * mask`` (NaN * 0 is NaN): padded NaN/Inf become exactly +0.0
+    and real values keep every bit. On CPU a bool-conditioned where/masked_fill is
+    about 5x slower than this vectorized integer AND, and it runs several times per
+    call, so it decides a large part of the cost relative to native batch norm.
+    """
+    bits = t.view(keep.dtype)
+    return bits.bitwise_and_(keep).view(t.dtype) if inplace else bits.bitwise_and(keep).view(t.dtype)
 
 
 def _batch_moments(
@@ -81,15 +104,20 @@ def _batch_moments(
     Corrected two-pass variance: sum((x - mean)^2)/n - (sum(x - mean)/n)^2. The second
     term removes the rounding error of the first-pass mean, so float32 keeps its
     accuracy even when |mean| / std is 1e6 (E[x^2] - E[x]^2 would lose all of it).
+    The work happens in place in one full-size buffer: on CPU each fresh full-size
+    allocation costs about as much as a pass over the data.
     """
-    xs = _where0(m, x.detach().to(acc))
+    x = x.detach()
     if m is None:
         count = torch.full((), x.numel() // channels, dtype=acc, device=x.device)
+        xs = x  # not ours: never modified in place
     else:
         count = m.sum().to(acc)
+        keep = _keep_bits(m, acc)
+        xs = _select(x, keep, inplace=False) if x.dtype == acc else _select(x.to(acc), keep, inplace=True)
     denom = count.clamp(min=1)
-    mean = xs.sum(dims, keepdim=True) / denom
-    d = _where0(m, xs - mean)
+    mean = xs.sum(dims, keepdim=True, dtype=acc) / denom
+    d = xs - mean if m is None else _select(xs.sub_(mean), keep, inplace=True)
     mean_d = d.sum(dims, keepdim=True) / denom
     var = (d.square_().sum(dims, keepdim=True) / denom - mean_d.square()).clamp_(min=0)
     return count, mean, var
@@ -100,7 +128,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
 
     ``mean``/``invstd`` come in detached; when ``stats_from_batch`` the backward
     adds their dependence on x analytically. Padded rows are constants: they get
-    no gradient, and their dy and x never enter a reduction (``where`` on the mask).
+    no gradient, and their dy and x never enter a reduction (selected away first).
     Saves only x, the bool mask and per-channel vectors, like native batch norm.
     """
 
@@ -121,10 +149,13 @@ class _MaskedBatchNormFn(torch.autograd.Function):
     ) -> Tensor:
         acc = mean.dtype
         scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
-        y = x.to(acc) - mean
-        y = y.mul_(scale) if bias is None else torch.addcmul(bias.to(acc).reshape(stat_shape), y, scale)
-        if zero_padded:
-            y = _where0(m, y)
+        # (x - mean) * scale + bias, not x * scale + shift: the latter cancels
+        # catastrophically when |mean| >> std
+        y = (x - mean).mul_(scale)  # x - mean promotes float16/bfloat16 x to acc
+        if bias is not None:
+            y.add_(bias.to(acc).reshape(stat_shape))
+        if zero_padded and m is not None:
+            _select(y, _keep_bits(m, acc), inplace=True)
         ctx.save_for_backward(x, weight, m, mean, invstd, count)
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
@@ -142,19 +173,31 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         dims, stat_shape = ctx.dims, ctx.stat_shape
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
-        dy = _where0(m, grad_out.to(acc))
-        xhat = _where0(m, (x.to(acc) - mean) * invstd)
+        keep = None if m is None else _keep_bits(m, acc)
+        if m is None:
+            dy = grad_out.to(acc)  # may be grad_out itself: never modified in place
+        elif grad_out.dtype == acc:
+            dy = _select(grad_out, keep, inplace=False)
+        else:
+            dy = _select(grad_out.to(acc), keep, inplace=True)
         s1 = dy.sum(dims, keepdim=True)
-        s2 = (dy * xhat).sum(dims, keepdim=True)
         grad_x = grad_w = grad_b = None
+        if need_w or (need_x and ctx.stats_from_batch):
+            xhat = (x - mean).mul_(invstd)
+            if m is not None:
+                _select(xhat, keep, inplace=True)
+            s2 = (dy * xhat).sum(dims, keepdim=True)
         if need_x:
             g = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
             if ctx.stats_from_batch:
-                # d/dx through the batch mean and variance; count >= 1 wherever a row is real
-                proj = torch.addcmul(s1, xhat, s2).div_(count.clamp(min=1))
-                grad_x = _where0(m, (dy - proj).mul_(g))
+                # through the batch mean and variance: g * (dy - (s1 + xhat * s2) / n), in
+                # xhat's buffer; count >= 1 wherever a row is real
+                n = count.clamp(min=1)
+                grad_x = xhat.mul_(-s2 / n).add_(dy).sub_(s1 / n).mul_(g)
+                if m is not None:
+                    _select(grad_x, keep, inplace=True)
             else:
-                # fixed stats: dy is already 0 on padded rows, so no mask needed here
+                # fixed stats: dy is already 0 on padded rows
                 grad_x = dy * g
             grad_x = grad_x.to(x.dtype)
         w_dtype, b_dtype = ctx.param_dtypes
@@ -213,8 +256,9 @@ def masked_batch_norm(
 
     Raises:
         TypeError: integer ``input``, or a floating-point ``mask``.
-        ValueError: channel axis out of range, a mask shape that does not fit, or a
-            channel count that differs from the parameters'. Nothing is updated then.
+        ValueError: an empty x (no positions or no channels), channel axis out of range,
+            a mask shape that does not fit, or a channel count that differs from the
+            parameters'. Nothing is updated then.
     """
     _check_input(input)
     if padded_output not in PADDED_OUTPUTS:

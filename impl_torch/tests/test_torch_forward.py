@@ -277,6 +277,7 @@ BAD_CALLS = {
     "float-mask": (lambda: (torch.zeros(4, 8, 3), torch.ones(4, 3)), TypeError, ["float32"]),
     "integer-x": (lambda: (torch.zeros(4, 8, 3, dtype=torch.int32), None), TypeError, ["int32"]),
     "channel-count": (lambda: (torch.zeros(4, 5, 3), None), ValueError, ["8", "5"]),
+    "empty-batch": (lambda: (torch.zeros(0, 8, 3), torch.ones(0, 3, dtype=torch.bool)), ValueError, ["(0, 8, 3)"]),
 }
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 
 import pytest
 import torch
 from torch import nn
 from torch_helpers import prefix_mask
 
-from maskbn_torch import MaskedBatchNorm, convert_batchnorm
+from maskbn_torch import MaskedBatchNorm, convert_batchnorm, load_portable, save_portable
 
 STOCK = {
     "BatchNorm1d-ncl": (nn.BatchNorm1d, (4, 5, 7)),
@@ -137,3 +138,45 @@ def test_meta_device_shapes():
     bn = MaskedBatchNorm(3, device="meta")
     y = bn(torch.empty(2, 3, 4, device="meta"), torch.ones(2, 4, dtype=torch.bool, device="meta"))
     assert y.shape == (2, 3, 4) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"channel_axis": -1},
+        {"channel_axis": 1, "padded_output": "zero", "bias": False, "momentum": 0.25, "eps": 0.01},
+        {"affine": False, "dtype": torch.float64},
+    ],
+    ids=["default", "every-knob", "no-affine-float64"],
+)
+def test_portable_format_round_trip(kwargs, tmp_path, gen):
+    layer = MaskedBatchNorm(4, **kwargs)
+    dtype = kwargs.get("dtype", torch.float32)
+    shape = (3, 6, 4) if layer.channel_axis == -1 else (3, 4, 6)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    mask = prefix_mask(3, 6, [6, 2, 0])
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0, generator=gen)
+    layer(x, mask)
+    save_portable(layer, tmp_path)
+    config = json.loads((tmp_path / "maskbn.json").read_text())
+    assert config["format"] == "maskbn-portable" and config["decay"] == pytest.approx(1 - layer.momentum)
+    loaded = load_portable(tmp_path).eval()
+    layer.eval()
+    assert loaded.running_var.dtype == dtype and loaded.padded_output == layer.padded_output
+    for key, value in layer.state_dict().items():
+        if key != "num_batches_tracked":  # not part of the neutral format
+            assert torch.equal(loaded.state_dict()[key], value), key
+    torch.testing.assert_close(loaded(x, mask), layer(x, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"momentum": None}, {"track_running_stats": False}, {"unbiased_running_var": True}],
+    ids=["cumulative-average", "no-running-stats", "unbiased-running-var"],
+)
+def test_portable_format_refuses_what_it_cannot_express(kwargs, tmp_path):
+    with pytest.raises(ValueError):
+        save_portable(MaskedBatchNorm(4, **kwargs), tmp_path)
+    assert not (tmp_path / "maskbn.json").exists()
