@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maskbn_conformance.adapter import Gradients, LayerConfig, Output
+from maskbn_conformance.adapter import Gradients, LayerConfig, Output, ShardedGradients, Unsupported
 
 # neutral state names -> Keras weight names
 _WEIGHT_NAMES = {"gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean", "moving_var": "moving_variance"}
@@ -25,6 +25,26 @@ _POLICIES = {
     "float32": "float32",
     "float64": "float64",
 }
+
+
+# Logical CPU devices for the sharded (synchronized) cases: TensorFlow only lets them be
+# configured before its runtime starts, so the backend does it when it is created.
+SHARD_DEVICES = 8
+
+
+def configure_shard_devices() -> bool:
+    """Split the CPU into SHARD_DEVICES logical devices, if TensorFlow's runtime has not
+    started yet (then sharded cases report Unsupported with the reason). True if done."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) >= SHARD_DEVICES:
+        return True
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * SHARD_DEVICES)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _keras():
@@ -103,6 +123,96 @@ class TFLayer:
         self._keras.saving.save_model(self.layer, path)
         return TFLayer(self._keras.saving.load_model(path), self.config)
 
+    def export_portable(self, directory: Path) -> None:
+        from maskbn_tf import save_portable
+
+        save_portable(self.layer, directory)
+
+
+def _config_of(layer, rank: int, dtype: str) -> LayerConfig:
+    return LayerConfig(
+        channels=int(layer.moving_mean.shape[0]),
+        axis=layer.axis,
+        rank=rank,
+        decay=layer.momentum,
+        epsilon=layer.epsilon,
+        center=layer.center,
+        scale=layer.scale,
+        padded_output=layer.padded_output,
+        dtype=dtype,
+    )
+
+
+class TFShardedLayer:
+    """One synchronized layer replicated over a MirroredStrategy of logical CPU devices."""
+
+    def __init__(self, backend: TFBackend, config: LayerConfig, num_shards: int):
+        import tensorflow as tf
+
+        devices = tf.config.list_logical_devices("CPU")
+        if len(devices) < num_shards:
+            raise Unsupported(
+                f"{num_shards} shards need {num_shards} logical CPU devices; TensorFlow has {len(devices)} "
+                "(it was started before the tf backend could configure them)"
+            )
+        self._tf = tf
+        # Reduction through one device rather than collective ops: collective groups of
+        # different sizes (one strategy per shard count) cannot share a process.
+        self.strategy = tf.distribute.MirroredStrategy(
+            [d.name for d in devices[:num_shards]], cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+        with self.strategy.scope():
+            self._one = backend.layer(config, synchronized=True)
+
+    def _distribute(self, values):
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: values[ctx.replica_id_in_sync_group]
+        )
+
+    def _run(self, replica_fn, *values):
+        per_replica = [self._distribute(v) for v in values]
+        results = self._tf.function(lambda *args: self.strategy.run(replica_fn, args=args))(*per_replica)
+        return [self.strategy.experimental_local_results(r) for r in results]
+
+    def forward(self, xs, x_dtype, masks, training):
+        one = self._one
+        x_t = [one._tensor(x, x_dtype) for x in xs]
+        if masks[0] is None:
+            (ys,) = self._run(lambda x: (one._call(x, None, training),), x_t)
+        else:
+            (ys,) = self._run(lambda x, m: (one._call(x, m, training),), x_t, [one._mask(m) for m in masks])
+        return [one._output(y) for y in ys]
+
+    def forward_backward(self, xs, x_dtype, masks, dys):
+        one, tf = self._one, self._tf
+        weights = [w for w in (one.layer.gamma, one.layer.beta) if w is not None]
+
+        def step(x, dy, m=None):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = one._call(x, m, True)
+            return (y, *tape.gradient(y, [x, *weights], output_gradients=dy))
+
+        values = [[one._tensor(x, x_dtype) for x in xs], [one._tensor(dy, x_dtype) for dy in dys]]
+        if masks[0] is not None:
+            values.append([one._mask(m) for m in masks])
+        ys, dxs, *weight_grads = self._run(step, *values)
+        # the global loss' weight gradient is the sum of the replicas' shares
+        summed = iter(np.sum([g.numpy() for g in grads], axis=0) for grads in weight_grads)
+        dgamma = next(summed) if one.config.scale else None
+        dbeta = next(summed) if one.config.center else None
+        return [one._output(y) for y in ys], ShardedGradients([one._output(dx) for dx in dxs], dgamma, dbeta)
+
+    def get_state(self):
+        return self._one.get_state()
+
+    def set_state(self, state):
+        self._one.set_state(state)
+
+    def close(self) -> None:
+        # the logical devices belong to the process; only the layer goes
+        self._one = None
+
 
 class TFBackend:
     """maskbn_tf.MaskedBatchNormalization (Keras 3 on TensorFlow) for the conformance harness."""
@@ -110,6 +220,7 @@ class TFBackend:
     name = "tf"
 
     def __init__(self):
+        configure_shard_devices()
         self._keras = _keras()
 
     def _build(self, layer, config: LayerConfig):
@@ -121,7 +232,7 @@ class TFBackend:
         layer.build(tuple(shape))
         return TFLayer(layer, config)
 
-    def layer(self, config: LayerConfig) -> TFLayer:
+    def layer(self, config: LayerConfig, synchronized: bool = False) -> TFLayer:
         from maskbn_tf import MaskedBatchNormalization
 
         layer = MaskedBatchNormalization(
@@ -131,9 +242,43 @@ class TFBackend:
             center=config.center,
             scale=config.scale,
             padded_output=config.padded_output,
+            synchronized=synchronized,
             dtype=_POLICIES[config.dtype],
         )
         return self._build(layer, config)
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> TFShardedLayer:
+        return TFShardedLayer(self, config, num_shards)
+
+    def import_portable(self, directory: Path) -> TFLayer:
+        from maskbn_tf import load_portable
+
+        layer = load_portable(directory)
+        dtype = self._keras.backend.standardize_dtype(layer.moving_mean.dtype)
+        return TFLayer(layer, _config_of(layer, rank=len(layer.get_build_config()["input_shape"]), dtype=dtype))
+
+    def from_stock_checkpoint(self, stock: TFLayer, directory: Path) -> TFLayer:
+        """Keras' usual checkpoint is a model's ``.weights.h5``: save a model holding the stock
+        layer, then load it into the same model holding the masked layer."""
+        from maskbn_tf import load_stock_weights
+
+        keras, config = self._keras, stock.config
+        axis = config.axis % config.rank
+        if axis == 0:
+            raise Unsupported("a Keras model's first axis is its batch axis, so it cannot be the channel axis")
+        shape = [None] * (config.rank - 1)
+        shape[axis - 1] = config.channels
+
+        def model_of(layer):
+            inputs = keras.Input(shape=tuple(shape))
+            return keras.Model(inputs, layer(inputs))
+
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "stock.weights.h5"
+        model_of(stock.layer).save_weights(path)
+        masked = self.layer(config)
+        load_stock_weights(model_of(masked.layer), path)
+        return masked
 
     def stock_layer(self, config: LayerConfig) -> TFLayer:
         layer = self._keras.layers.BatchNormalization(

@@ -225,6 +225,10 @@ class MaskedBatchNormalization(keras.layers.Layer):
         if not keras.backend.is_float_dtype(x_dtype):
             raise TypeError(f"x dtype {x_dtype} is not a floating dtype: MaskedBatchNormalization needs float input")
         x_shape = tuple(inputs.shape)
+        if 0 in x_shape:
+            # (a size known only at run time cannot be checked here: such a batch has no real
+            # row and takes the empty-mask path)
+            raise ValueError(f"x shape {x_shape} is empty: batch normalization needs at least one position")
         axis = self._channel_axis(x_shape)
         if x_shape[axis] is not None and x_shape[axis] != self.channels:
             raise ValueError(

@@ -10,6 +10,15 @@ import keras
 import numpy as np
 import pytest
 
+# `pytest impl_tf/tests spec --backend tf` (tox -e tf) runs the spec in this process: split
+# the CPU for its sharded cases now, before any test starts TensorFlow's runtime.
+try:
+    from maskbn_tf.conformance_adapter import configure_shard_devices
+except ImportError:  # maskbn-conformance not installed: only the unit tests run
+    pass
+else:
+    configure_shard_devices()
+
 
 def pytest_configure(config):
     if keras.config.backend() != "tensorflow":

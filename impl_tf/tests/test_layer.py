@@ -141,6 +141,11 @@ BAD_CALLS = {
     ),
     "integer-x": (lambda: dict(x=np.ones((4, 8, 3), np.int32), mask=None), TypeError, ["int32"]),
     "channel-count": (lambda: dict(x=np.ones((4, 8, 5), np.float32), mask=None), ValueError, ["5", "3"]),
+    "zero-size-batch": (
+        lambda: dict(x=np.ones((0, 8, 3), np.float32), mask=np.ones((0, 8), bool)),
+        ValueError,
+        ["(0, 8, 3)"],
+    ),
     "rank-too-small-for-axis": (lambda: dict(x=np.ones((4,), np.float32), mask=None), ValueError, ["axis"]),
 }
 
