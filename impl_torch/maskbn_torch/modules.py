@@ -181,7 +181,7 @@ class MaskedBatchNorm(nn.Module):
 
 
 # the common base of BatchNorm1d/2d/3d, their Lazy variants and SyncBatchNorm (what
-# nn.SyncBatchNorm.convert_sync_batchnorm matches too)
+# nn.SyncBatchNorm.convert_sync_batchnorm matches too); SyncBatchNorm is refused below
 _STOCK_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -193,31 +193,46 @@ def convert_batchnorm(
 ) -> nn.Module:
     """Replace every batch norm in ``module`` by a :class:`MaskedBatchNorm`, in place.
 
-    Matches ``nn.BatchNorm1d/2d/3d`` (lazy ones once initialized) and ``nn.SyncBatchNorm``.
-    The new layer has the same configuration and train/eval mode and holds the very same
-    weight/bias Parameters and running-stat buffers, so optimizers stay valid.
+    Matches ``nn.BatchNorm1d/2d/3d`` (lazy ones once initialized). The new layer has the
+    same configuration and train/eval mode and holds the very same weight/bias Parameters
+    and running-stat buffers, so optimizers stay valid; a batch norm shared by several
+    parents becomes one masked layer shared by the same parents.
 
     Returns the module itself, or the new layer when ``module`` is a batch norm itself.
     The converted layers take the mask as ``forward(x, mask)``; called without a mask they
     compute what the stock layer computed, up to rounding (the running var follows
-    ``unbiased_running_var``, see :class:`MaskedBatchNorm`). A SyncBatchNorm with a
-    process group other than the default is refused, since synchronized masked statistics
-    are not implemented yet.
+    ``unbiased_running_var``, see :class:`MaskedBatchNorm`).
+
+    Raises NotImplementedError on ``nn.SyncBatchNorm`` (its ``process_group=None`` means the
+    whole default group): converting it would silently drop the synchronization, and
+    synchronized masked statistics are not implemented yet.
     """
+    # validate every batch norm first, so a refusal leaves the model untouched
+    found = [(name, m) for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, _STOCK_BATCHNORMS)]
+    for _, bn in found:
+        _check_convertible(bn)
     if isinstance(module, _STOCK_BATCHNORMS):
         return _converted(module, padded_output, unbiased_running_var)
-    for name, child in module.named_children():
-        new = convert_batchnorm(child, padded_output=padded_output, unbiased_running_var=unbiased_running_var)
-        if new is not child:
-            setattr(module, name, new)
+    converted: dict[int, MaskedBatchNorm] = {}
+    for name, bn in found:
+        if id(bn) not in converted:
+            converted[id(bn)] = _converted(bn, padded_output, unbiased_running_var)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child_name, converted[id(bn)])
     return module
 
 
-def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) -> MaskedBatchNorm:
+def _check_convertible(bn: nn.Module) -> None:
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         raise ValueError(f"cannot convert an uninitialized lazy batch norm ({type(bn).__name__}); run it first")
-    if isinstance(bn, nn.SyncBatchNorm) and bn.process_group is not None:
-        raise NotImplementedError("cannot convert a SyncBatchNorm with a process group (not implemented yet)")
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise NotImplementedError(
+            "cannot convert nn.SyncBatchNorm: synchronized masked statistics are not implemented yet, "
+            "and converting would silently drop the synchronization"
+        )
+
+
+def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) -> MaskedBatchNorm:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     new = MaskedBatchNorm(
         bn.num_features,

@@ -84,10 +84,25 @@ def test_convert_batchnorm_replaces_every_batch_norm_keeping_weights(gen):
     assert model[4][1].num_batches_tracked.item() == 2
 
 
+def test_convert_batchnorm_keeps_a_shared_batch_norm_shared():
+    shared = nn.BatchNorm1d(3)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(nn.ReLU(), shared)})
+    convert_batchnorm(model)
+    assert isinstance(model["a"][0], MaskedBatchNorm) and model["a"][0] is model["b"][1]
+
+
 def test_convert_batchnorm_of_a_batch_norm_returns_the_new_layer():
     bn = nn.BatchNorm2d(3)
     new = convert_batchnorm(bn, padded_output="zero")
     assert isinstance(new, MaskedBatchNorm) and new.padded_output == "zero" and new.weight is bn.weight
+
+
+def test_convert_batchnorm_refuses_sync_batch_norm_rather_than_dropping_the_sync():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.SyncBatchNorm(3))
+    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
+        convert_batchnorm(model)
+    # nothing converted: a refusal leaves the model as it was
+    assert type(model[0]) is nn.BatchNorm1d and type(model[1]) is nn.SyncBatchNorm
 
 
 def test_convert_batchnorm_refuses_an_uninitialized_lazy_batch_norm():
