@@ -9,6 +9,7 @@ Translations: the spec's ``decay`` is torch's ``1 - momentum``; ``gamma``/``beta
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from maskbn_conformance.adapter import Gradients, LayerConfig, Output, Unsupported
 
+from .conformance_sharded import TorchShardedLayer
 from .modules import MaskedBatchNorm
 from .portable import load_portable, save_portable
 
@@ -157,30 +159,43 @@ class TorchLayer:
         save_portable(self.module, directory)
 
 
+def masked_module(config: LayerConfig, process_group: Any = None) -> MaskedBatchNorm:
+    """The MaskedBatchNorm a LayerConfig describes."""
+    return MaskedBatchNorm(
+        config.channels,
+        eps=config.epsilon,
+        momentum=_momentum(config),
+        channel_axis=config.axis,
+        padded_output=config.padded_output,
+        process_group=process_group,
+        dtype=_layer_dtype(config),
+        **_affine(config, bias_switch=True),
+    )
+
+
+def torch_layer(module: MaskedBatchNorm) -> TorchLayer:
+    return TorchLayer(module, module)
+
+
 class TorchBackend:
     """maskbn_torch for the conformance harness."""
 
     name = "torch"
 
     def layer(self, config: LayerConfig) -> TorchLayer:
-        module = MaskedBatchNorm(
-            config.channels,
-            eps=config.epsilon,
-            momentum=_momentum(config),
-            channel_axis=config.axis,
-            padded_output=config.padded_output,
-            dtype=_layer_dtype(config),
-            **_affine(config, bias_switch=True),
-        )
-        return TorchLayer(module, module)
+        return torch_layer(masked_module(config))
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> TorchShardedLayer:
+        # fail here, not in k worker processes, for what torch cannot build at all
+        masked_module(config)
+        return TorchShardedLayer(config, num_shards)
 
     def stock_layer(self, config: LayerConfig) -> TorchLayer:
         module = _StockBatchNorm(config)
         return TorchLayer(module, module.bn)
 
     def import_portable(self, directory: Path) -> TorchLayer:
-        module = load_portable(directory)
-        return TorchLayer(module, module)
+        return torch_layer(load_portable(directory))
 
     def from_stock_checkpoint(self, stock: TorchLayer, directory: Path) -> TorchLayer:
         # torch's usual checkpoint: the stock layer's state_dict through torch.save,
@@ -198,7 +213,7 @@ class TorchBackend:
             dtype=bn.running_mean.dtype,
         )
         module.load_state_dict(torch.load(path, weights_only=True))
-        return TorchLayer(module, module)
+        return torch_layer(module)
 
     def expectations_path(self) -> Path | None:
         return Path(__file__).with_name("conformance_expectations.yaml")

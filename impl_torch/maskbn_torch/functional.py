@@ -9,8 +9,10 @@ and on any device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -96,8 +98,17 @@ def _select(t: Tensor, keep: Tensor, *, inplace: bool) -> Tensor:
     return bits.bitwise_and_(keep).view(t.dtype) if inplace else bits.bitwise_and(keep).view(t.dtype)
 
 
+def _all_reduce_sum(group: Any, *parts: Tensor) -> tuple[Tensor, ...]:
+    """Sum each tensor over ``group`` in one collective; a no-op without a group."""
+    if group is None:
+        return parts
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return tuple(chunk.reshape(p.shape) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts))
+
+
 def _batch_moments(
-    x: Tensor, m: Tensor | None, dims: tuple[int, ...], channels: int, acc: torch.dtype
+    x: Tensor, m: Tensor | None, dims: tuple[int, ...], channels: int, acc: torch.dtype, group: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, var) over the real positions; mean/var keep the reduced dims (size 1).
 
@@ -106,6 +117,10 @@ def _batch_moments(
     accuracy even when |mean| / std is 1e6 (E[x^2] - E[x]^2 would lose all of it).
     The work happens in place in one full-size buffer: on CPU each fresh full-size
     allocation costs about as much as a pass over the data.
+
+    With a process ``group`` both passes are summed over the group (count with the
+    first), so every replica centres on the global mean: the statistics of the
+    unsharded batch, empty shards included, in two small collectives.
     """
     x = x.detach()
     if m is None:
@@ -115,11 +130,13 @@ def _batch_moments(
         count = m.sum().to(acc)
         keep = _keep_bits(m, acc)
         xs = _select(x, keep, inplace=False) if x.dtype == acc else _select(x.to(acc), keep, inplace=True)
+    total, count = _all_reduce_sum(group, xs.sum(dims, keepdim=True, dtype=acc), count)
     denom = count.clamp(min=1)
-    mean = xs.sum(dims, keepdim=True, dtype=acc) / denom
+    mean = total / denom
     d = xs - mean if m is None else _select(xs.sub_(mean), keep, inplace=True)
-    mean_d = d.sum(dims, keepdim=True) / denom
-    var = (d.square_().sum(dims, keepdim=True) / denom - mean_d.square()).clamp_(min=0)
+    sum_d = d.sum(dims, keepdim=True)
+    sum_d, sum_d2 = _all_reduce_sum(group, sum_d, d.square_().sum(dims, keepdim=True))
+    var = (sum_d2 / denom - (sum_d / denom).square()).clamp_(min=0)
     return count, mean, var
 
 
@@ -146,6 +163,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         zero_padded: bool,
         dims: tuple[int, ...],
         stat_shape: tuple[int, ...],
+        group: Any,
     ) -> Tensor:
         acc = mean.dtype
         scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
@@ -162,6 +180,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
             None if bias is None else bias.dtype,
         )
         ctx.stats_from_batch = stats_from_batch
+        ctx.group = group
         ctx.dims = dims
         ctx.stat_shape = stat_shape
         return y.to(x.dtype)
@@ -191,9 +210,12 @@ class _MaskedBatchNormFn(torch.autograd.Function):
             g = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
             if ctx.stats_from_batch:
                 # through the batch mean and variance: g * (dy - (s1 + xhat * s2) / n), in
-                # xhat's buffer; count >= 1 wherever a row is real
+                # xhat's buffer; count >= 1 wherever a row is real. Synchronized: the sums
+                # and n are the whole group's (weight/bias grads stay per replica, as DDP
+                # and nn.SyncBatchNorm expect)
                 n = count.clamp(min=1)
-                grad_x = xhat.mul_(-s2 / n).add_(dy).sub_(s1 / n).mul_(g)
+                g_s1, g_s2 = _all_reduce_sum(ctx.group, s1, s2)
+                grad_x = xhat.mul_(-g_s2 / n).add_(dy).sub_(g_s1 / n).mul_(g)
                 if m is not None:
                     _select(grad_x, keep, inplace=True)
             else:
@@ -205,7 +227,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
             grad_w = s2.reshape(-1).to(w_dtype)
         if need_b:
             grad_b = s1.reshape(-1).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def masked_batch_norm(
@@ -223,6 +245,7 @@ def masked_batch_norm(
     padded_output: str = "normalize",
     num_batches_tracked: Tensor | None = None,
     unbiased_running_var: bool = False,
+    process_group: Any = None,
 ) -> Tensor:
     """Batch normalization whose batch statistics come only from the real positions of ``input``.
 
@@ -247,6 +270,11 @@ def masked_batch_norm(
         unbiased_running_var: store ``n / (n - 1) * var`` in ``running_var`` as stock
             ``nn.BatchNorm`` does; by default the population variance is stored (the
             maskbn contract). Normalization always uses the population variance.
+        process_group: a ``torch.distributed`` process group (e.g. ``group.WORLD``) whose
+            replicas share batch statistics when ``training``: counts, sums and centred
+            sums are summed over the group, so k shards with uneven masks (empty ones
+            included) get the statistics of the unsharded batch. Every replica must make
+            the call (and its backward). None: statistics of this process's batch only.
 
     A training call whose mask has no real position normalizes with the running stats
     (mean 0, var 1 when there are none), updates nothing and gives zero gradients.
@@ -288,9 +316,10 @@ def masked_batch_norm(
     dims = tuple(i for i in range(input.dim()) if i != axis)
     stat_shape = tuple(channels if i == axis else 1 for i in range(input.dim()))
 
-    count = None
+    count = group = None
     if training:
-        count, batch_mean, batch_var = _batch_moments(input, m, dims, channels, acc)
+        group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
+        count, batch_mean, batch_var = _batch_moments(input, m, dims, channels, acc, group)
         has_real = count > 0
         if running_mean is not None:
             prior_mean = running_mean.detach().to(acc).reshape(stat_shape)
@@ -331,6 +360,7 @@ def masked_batch_norm(
         padded_output == "zero",
         dims,
         stat_shape,
+        group,
     )
 
 

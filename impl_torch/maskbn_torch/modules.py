@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .functional import PADDED_OUTPUTS, masked_batch_norm
@@ -36,7 +37,11 @@ class MaskedBatchNorm(nn.Module):
         channel_axis: the channel axis of the input.
         padded_output: ``"normalize"`` (padded rows normalized like real ones) or
             ``"zero"`` (padded rows of the output are exactly 0).
-        process_group: reserved for cross-process statistics; only None is supported yet.
+        process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``)
+            whose replicas share batch statistics in training mode, as ``nn.SyncBatchNorm``
+            but count-weighted over the real rows: k shards with uneven masks, empty ones
+            included, normalize with the statistics of the unsharded batch. Every replica
+            must call forward (and backward) together. None: no synchronization.
         device, dtype: factory kwargs for the parameters and buffers. A float64 layer keeps
             float64 state and reduces in float64; otherwise state is float32 and float16 /
             bfloat16 inputs are reduced in float32.
@@ -75,10 +80,6 @@ class MaskedBatchNorm(nn.Module):
             raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
         if not isinstance(channel_axis, int):
             raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
-        if process_group is not None:
-            raise NotImplementedError(
-                "cross-process (synchronized) statistics are not implemented yet; use process_group=None"
-            )
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -157,6 +158,9 @@ class MaskedBatchNorm(nn.Module):
             padded_output=self.padded_output,
             num_batches_tracked=self.num_batches_tracked if use_buffers else None,
             unbiased_running_var=self.unbiased_running_var,
+            # as nn.SyncBatchNorm: synchronize in training mode only, where every replica
+            # runs the same steps (eval loops may differ in length across replicas)
+            process_group=self.process_group if self.training else None,
         )
 
     def extra_repr(self) -> str:
@@ -181,7 +185,7 @@ class MaskedBatchNorm(nn.Module):
 
 
 # the common base of BatchNorm1d/2d/3d, their Lazy variants and SyncBatchNorm (what
-# nn.SyncBatchNorm.convert_sync_batchnorm matches too); SyncBatchNorm is refused below
+# nn.SyncBatchNorm.convert_sync_batchnorm matches too)
 _STOCK_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -193,19 +197,19 @@ def convert_batchnorm(
 ) -> nn.Module:
     """Replace every batch norm in ``module`` by a :class:`MaskedBatchNorm`, in place.
 
-    Matches ``nn.BatchNorm1d/2d/3d`` (lazy ones once initialized). The new layer has the
-    same configuration and train/eval mode and holds the very same weight/bias Parameters
-    and running-stat buffers, so optimizers stay valid; a batch norm shared by several
-    parents becomes one masked layer shared by the same parents.
+    Matches ``nn.BatchNorm1d/2d/3d`` (lazy ones once initialized) and ``nn.SyncBatchNorm``.
+    The new layer has the same configuration and train/eval mode and holds the very same
+    weight/bias Parameters and running-stat buffers, so optimizers stay valid; a batch
+    norm shared by several parents becomes one masked layer shared by the same parents.
 
     Returns the module itself, or the new layer when ``module`` is a batch norm itself.
     The converted layers take the mask as ``forward(x, mask)``; called without a mask they
     compute what the stock layer computed, up to rounding (the running var follows
     ``unbiased_running_var``, see :class:`MaskedBatchNorm`).
 
-    Raises NotImplementedError on ``nn.SyncBatchNorm`` (its ``process_group=None`` means the
-    whole default group): converting it would silently drop the synchronization, and
-    synchronized masked statistics are not implemented yet.
+    An ``nn.SyncBatchNorm`` becomes a synchronized ``MaskedBatchNorm`` over the same
+    process group; its ``process_group=None`` means the default group, which must then be
+    initialized (``torch.distributed.init_process_group``) before converting.
     """
     # validate every batch norm first, so a refusal leaves the model untouched
     found = [(name, m) for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, _STOCK_BATCHNORMS)]
@@ -225,11 +229,21 @@ def convert_batchnorm(
 def _check_convertible(bn: nn.Module) -> None:
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         raise ValueError(f"cannot convert an uninitialized lazy batch norm ({type(bn).__name__}); run it first")
-    if isinstance(bn, nn.SyncBatchNorm):
-        raise NotImplementedError(
-            "cannot convert nn.SyncBatchNorm: synchronized masked statistics are not implemented yet, "
-            "and converting would silently drop the synchronization"
+    if isinstance(bn, nn.SyncBatchNorm) and bn.process_group is None and not _distributed_ready():
+        raise ValueError(
+            "cannot convert an nn.SyncBatchNorm with process_group=None before torch.distributed is "
+            "initialized: its default group would be lost; initialize it first or pass a group"
         )
+
+
+def _distributed_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sync_group(bn: nn.Module) -> Any:
+    if not isinstance(bn, nn.SyncBatchNorm):
+        return None
+    return bn.process_group if bn.process_group is not None else dist.group.WORLD
 
 
 def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) -> MaskedBatchNorm:
@@ -245,6 +259,7 @@ def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) ->
         device=None if ref is None else ref.device,
         dtype=None if ref is None else ref.dtype,
         unbiased_running_var=unbiased_running_var,
+        process_group=_sync_group(bn),
     )
     # share the very Parameter and buffer objects (as nn.SyncBatchNorm.convert_sync_batchnorm
     # does), so an optimizer built before the conversion keeps updating the live weights

@@ -306,11 +306,6 @@ def test_constructor_rejects_unknown_padded_output():
         MaskedBatchNorm(3, padded_output="drop")
 
 
-def test_process_group_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="process_group=None"):
-        MaskedBatchNorm(3, process_group=object())
-
-
 def test_functional_requires_running_stats_for_inference():
     with pytest.raises(ValueError, match="required when training=False"):
         masked_batch_norm(torch.zeros(2, 3), training=False)

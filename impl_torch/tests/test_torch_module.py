@@ -97,9 +97,9 @@ def test_convert_batchnorm_of_a_batch_norm_returns_the_new_layer():
     assert isinstance(new, MaskedBatchNorm) and new.padded_output == "zero" and new.weight is bn.weight
 
 
-def test_convert_batchnorm_refuses_sync_batch_norm_rather_than_dropping_the_sync():
+def test_convert_batchnorm_refuses_a_default_group_sync_batch_norm_without_distributed():
     model = nn.Sequential(nn.BatchNorm1d(3), nn.SyncBatchNorm(3))
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
         convert_batchnorm(model)
     # nothing converted: a refusal leaves the model as it was
     assert type(model[0]) is nn.BatchNorm1d and type(model[1]) is nn.SyncBatchNorm
