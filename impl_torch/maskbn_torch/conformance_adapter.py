@@ -47,16 +47,11 @@ def _output(t: torch.Tensor) -> Output:
 
 
 def _affine(config: LayerConfig, *, bias_switch: bool) -> dict[str, bool]:
-    if config.center and not config.scale:
-        raise Unsupported(
-            "torch normalization layers have no bias without a weight (`affine` makes both, "
-            "nn.LayerNorm-style `bias=False` drops only the bias): center=True, scale=False"
-        )
-    if config.scale and not config.center:
-        if not bias_switch:
-            raise Unsupported("torch's stock nn.BatchNorm has no bias=False: center=False, scale=True")
-        return {"affine": True, "bias": False}
-    return {"affine": config.scale}
+    if config.scale == config.center:
+        return {"affine": config.scale}
+    if not bias_switch:
+        raise Unsupported("torch's stock nn.BatchNorm has gamma and beta together or neither (affine)")
+    return {"affine": True, "bias": config.center, "weight": config.scale}
 
 
 def _momentum(config: LayerConfig) -> float:

@@ -31,6 +31,8 @@ class MaskedBatchNorm(nn.Module):
         affine: create ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
         bias: keyword-only, as ``nn.LayerNorm(bias=...)``: with ``affine=True``,
             ``bias=False`` creates the weight only (the contract's ``center=False``).
+        weight: keyword-only, the mirror switch: with ``affine=True``, ``weight=False``
+            creates the bias only (the contract's ``scale=False``).
         track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``
             and normalize with them in eval mode; False always uses batch statistics, as
             ``nn.BatchNorm``.
@@ -73,6 +75,7 @@ class MaskedBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        weight: bool = True,
         unbiased_running_var: bool = False,
     ) -> None:
         super().__init__()
@@ -90,7 +93,7 @@ class MaskedBatchNorm(nn.Module):
         self.padded_output = padded_output
         self.process_group = process_group
         self.unbiased_running_var = unbiased_running_var
-        if affine:
+        if affine and weight:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
@@ -167,6 +170,7 @@ class MaskedBatchNorm(nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             + ("bias=False, " if self.affine and self.bias is None else "")
+            + ("weight=False, " if self.affine and self.weight is None else "")
             + f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
             f"padded_output={self.padded_output!r}"
         )

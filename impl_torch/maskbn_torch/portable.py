@@ -78,12 +78,13 @@ def load_portable(directory: str | os.PathLike, device: torch.device | str | Non
         config["channels"],
         eps=config["epsilon"],
         momentum=1.0 - config["decay"],
-        affine=config["scale"],
+        affine=config["scale"] or config["center"],
         channel_axis=config["axis"],
         padded_output=config["padded_output"],
         device=device,
         dtype=dtype,
         bias=config["center"],
+        weight=config["scale"],
     )
     with torch.no_grad():
         for neutral, name in _STATE.items():

@@ -164,6 +164,20 @@ def test_bias_false_keeps_only_the_weight(gen):
     torch.testing.assert_close(real_rows(bn(x, mask), mask, 1).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_weight_false_keeps_only_the_bias(gen):
+    bn = MaskedBatchNorm(3, weight=False)
+    assert bn.weight is None and bn.bias is not None
+    assert set(bn.state_dict()) == {"bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert "weight=False" in repr(bn)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([2.0, 0.5, -1.0]))
+    x = torch.randn(2, 3, 5, generator=gen)
+    mask = prefix_mask(2, 5, [3, 5])
+    want, _, _ = compacted_batch_norm(x, mask, 1, bn.eps)
+    got = real_rows(bn(x, mask), mask, 1).double()
+    torch.testing.assert_close(got, want + bn.bias.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("track", [True, False], ids=["running-stats", "no-running-stats"])
 def test_empty_mask_in_training_takes_the_inference_path(track, gen):
     bn = MaskedBatchNorm(3, track_running_stats=track)
