@@ -2,7 +2,9 @@
 
 lint                 validate every case file against the schema and the lint rules
 report               run every case on every installed backend; print the
-                     case x backend matrix and write it as Markdown and JSON
+                     case x backend matrix and write it as Markdown and JSON,
+                     then a bounded fuzz pass (maskbn_conformance.fuzz) and a
+                     reliability summary: cases tried, inputs tried, failures
 run                  run one case (or a few) on one backend and print every check
 list                 list cases, invariants and installed backends
 """
@@ -13,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -71,6 +74,63 @@ def _run_backend(spec: Spec, loaded: LoadedBackend, cases, verbose: bool) -> dic
     return {"cases": per_case, "problems": problems}
 
 
+def _fuzz_backend(loaded: LoadedBackend, spec: Spec, examples: int, long_run_steps: int) -> dict:
+    """A bounded, derandomized pass of every fuzz property on one backend.
+
+    Hypothesis (the ``fuzz`` extra) is imported here only, so lint and the
+    rest of the CLI work without it."""
+    import hypothesis.reporting
+
+    from . import fuzz
+    from .adapter import Unsupported
+    from .invariants import CheckFailed
+
+    results: list = []
+    problems: list[str] = []
+    hyp_settings = fuzz.ci_settings(examples)
+
+    def attempt(result, run) -> None:
+        results.append(result)
+        try:
+            # the failure message carries the example and the repro: Hypothesis's
+            # own report of it would only repeat it
+            with hypothesis.reporting.with_reporter(lambda _message: None):
+                run()
+        except Unsupported as exc:
+            problems.append(f"skipped {loaded.name} fuzz {result.prop}: {exc}")
+        except CheckFailed as exc:
+            problems.append(f"FAILED {loaded.name} fuzz {result.prop}\n  " + str(exc).replace("\n", "\n  "))
+            result.failure = result.failure or str(exc)
+        except Exception:
+            problems.append(
+                f"ERROR {loaded.name} fuzz {result.prop}\n  " + traceback.format_exc().replace("\n", "\n  ")
+            )
+            result.failure = result.failure or "error"
+
+    for prop in fuzz.CHECKS:
+        result = fuzz.PropertyResult(loaded.name, prop)
+        attempt(result, lambda prop=prop, result=result: fuzz.run_property(prop, loaded, hyp_settings, spec, result))
+    known: list = []
+    try:
+        with hypothesis.reporting.with_reporter(lambda _message: None):
+            known = fuzz.check_known_bugs(loaded, hyp_settings, spec)
+    except CheckFailed as exc:
+        problems.append(f"XPASSED {loaded.name} fuzz known bug\n  {exc}")
+    for result in known:
+        problems.append(f"xfailed {loaded.name} fuzz {result.prop}: {result.xfail_reason}")
+    if long_run_steps > 0:
+        result = fuzz.PropertyResult(loaded.name, "long-run")
+        attempt(result, lambda: fuzz.long_run(loaded, long_run_steps, spec, result=result))
+    return {
+        "inputs": sum(r.tried for r in results) + sum(r.tried for r in known),
+        "long_run_steps": sum(r.steps for r in results),
+        "failures": sum(1 for r in results if r.failure) + sum(p.startswith("XPASSED") for p in problems),
+        "known_bugs": len(known),
+        "summaries": [r.summary() for r in results + known],
+        "problems": problems,
+    }
+
+
 def _cell(counter: Counter | None) -> str:
     if not counter:
         return "-"
@@ -116,6 +176,23 @@ def cmd_report(args) -> int:
                 f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  ")
             )
 
+    # a bounded fuzz pass per backend (Hypothesis, derandomized): inputs the spec never wrote down
+    fuzz: dict[str, dict] = {}
+    fuzz_note = ""
+    if args.fuzz_examples > 0 or args.fuzz_long_run > 0:
+        try:
+            import hypothesis  # noqa: F401 - only to say clearly when the extra is missing
+        except ImportError:
+            fuzz_note = "fuzz pass not run: hypothesis is not installed (pip install 'maskbn-conformance[fuzz]')"
+        else:
+            for name, loaded in usable.items():
+                t0 = time.perf_counter()
+                fuzz[name] = _fuzz_backend(loaded, spec, args.fuzz_examples, args.fuzz_long_run)
+                fuzz[name]["seconds"] = round(time.perf_counter() - t0, 1)
+                results[name]["problems"].extend(fuzz[name]["problems"])
+                if fuzz[name]["failures"]:
+                    totals["failed"] += fuzz[name]["failures"]
+
     names = [b.name for b in backends]
     header = "| case | " + " | ".join(names) + " |"
     lines = [header, "|" + "---|" * (len(names) + 1)]
@@ -138,9 +215,11 @@ def cmd_report(args) -> int:
         for a in usable:
             lines.append(f"| {a} | " + " | ".join(_cell(cross.get((a, b))) if a != b else "" for b in usable) + " |")
     matrix = "\n".join(lines)
+    reliability = _reliability(names, results, fuzz, fuzz_note, args)
 
     problems = [p for n in names for p in results[n]["problems"]]
     print(matrix)
+    print("\n" + reliability)
     if problems:
         print("\nnot passing (reasons):")
         for p in problems:
@@ -156,7 +235,8 @@ def cmd_report(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        md = ["# maskbn conformance matrix", "", f"spec: {len(cases)} cases; backends: {', '.join(names)}", "", matrix]
+        md = ["# maskbn conformance matrix", "", f"spec: {len(cases)} cases; backends: {', '.join(names)}", "", matrix,
+              "", reliability]  # fmt: skip
         if problems:
             md += ["", "## Not passing", "", "```", *problems, "```"]
         (out / "conformance.md").write_text("\n".join(md) + "\n")
@@ -167,6 +247,14 @@ def cmd_report(args) -> int:
                     "seconds": results[n].get("seconds"),
                     "cases": {cid: dict(counter) for cid, counter in results[n]["cases"].items()},
                     "problems": results[n]["problems"],
+                    "reliability": {
+                        "cases_tried": _cases_tried(results[n]),
+                        "inputs_tried": fuzz[n]["inputs"] if n in fuzz else None,
+                        "long_run_steps": fuzz[n]["long_run_steps"] if n in fuzz else None,
+                        "failures": _failures(results[n], fuzz.get(n)),
+                        "known_bugs": fuzz[n]["known_bugs"] if n in fuzz else None,
+                        "fuzz": fuzz[n]["summaries"] if n in fuzz else [],
+                    },
                 }
                 for n in names
             },
@@ -175,6 +263,39 @@ def cmd_report(args) -> int:
         (out / "conformance.json").write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {out / 'conformance.md'} and {out / 'conformance.json'}")
     return 1 if any(totals[s] for s in _BAD) else 0
+
+
+def _cases_tried(result: dict) -> int:
+    """Spec checks that ran (skips were not tried)."""
+    return sum(sum(v for k, v in c.items() if k != "skipped") for c in result["cases"].values())
+
+
+def _failures(result: dict, fuzz: dict | None) -> int:
+    spec_bad = sum(sum(c[s] for s in _BAD) for c in result["cases"].values())
+    return spec_bad + (fuzz["failures"] if fuzz else 0) + (1 if result.get("error") else 0)
+
+
+def _reliability(names: list[str], results: dict, fuzz: dict, note: str, args) -> str:
+    """Per backend: spec checks tried, fuzz inputs tried, failures."""
+    lines = [
+        f"Reliability (cases: spec checks run; inputs: fuzz inputs tried, {args.fuzz_examples} examples per "
+        f"property, derandomized, plus {args.fuzz_long_run} long-run training calls):",
+        "",
+        "| backend | cases tried | inputs tried | long-run calls | failures | known bugs (xfail) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        f = fuzz.get(n)
+        lines.append(
+            f"| {n} | {_cases_tried(results[n])} | {f['inputs'] if f else '-'} | "
+            f"{f['long_run_steps'] if f else '-'} | {_failures(results[n], f)} | {f['known_bugs'] if f else '-'} |"
+        )
+    if note:
+        lines += ["", note]
+    for n in names:
+        if n in fuzz:
+            lines += ["", f"fuzz {n} ({fuzz[n]['seconds']}s):"] + [f"  {s}" for s in fuzz[n]["summaries"]]
+    return "\n".join(lines)
 
 
 def cmd_run(args) -> int:
@@ -224,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--backend", action="append", default=[], help="only these backends (repeatable)")
     report.add_argument("--out", help="also write conformance.md and conformance.json here")
     report.add_argument("-v", "--verbose", action="store_true", help="print every non-passing check in full")
+    report.add_argument(
+        "--fuzz-examples", type=int, default=5, metavar="N",
+        help="Hypothesis examples per fuzz property and backend (derandomized; 0: no fuzz pass; default 5)",
+    )  # fmt: skip
+    report.add_argument(
+        "--fuzz-long-run", type=int, default=300, metavar="N",
+        help="training calls of the fuzz long run per backend (0: none; default 300; CI runs 10000)",
+    )  # fmt: skip
     run = sub.add_parser("run", help="run some cases on one backend and print each check")
     run.add_argument("--backend", required=True)
     run.add_argument("--case", action="append", default=[], help="case id (repeatable; default: all)")
