@@ -115,7 +115,8 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
     shape_labels = {s["id"]: s["label"] for s in cfg["shapes"]}
     lines = ["# maskbn benchmarks", ""]
     lines += [
-        f"Run {meta['date']} on {meta['machine']}; wall time {meta['elapsed_s']:.0f} s"
+        f"Run {meta['date']} on {meta['machine']}, code at {meta.get('git', '?')}; "
+        f"wall time {meta['elapsed_s']:.0f} s"
         + (" (**--quick**: tiny shapes, 1-2 repeats; the numbers mean nothing)" if cfg.get("quick") else "")
         + ".",
         "",
@@ -129,6 +130,9 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
     for backend, payload in results.items():
         status = payload.get("status")
         info = ", ".join(f"{k} {v}" for k, v in payload.get("info", {}).items() if k not in ("platform", "processor"))
+        load = payload.get("loadavg_start"), payload.get("loadavg_end")
+        if all(load):
+            info += f"; 1-min load average {load[0][0]:.1f} -> {load[1][0]:.1f} (2 cores shared)"
         if status == "ok":
             lines.append(f"- **{backend}**: {info}; {payload.get('elapsed_s', 0):.0f} s")
         else:

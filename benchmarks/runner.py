@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: how the overall time limit is shared: each backend's worker gets its weight's share of what is
 #: left when it starts (what one leaves unused goes to the next); the repeats adapt to 75 % of it
-WEIGHTS = {"torch": 0.45, "tf": 0.33, "jax": 0.22}
+WEIGHTS = {"torch": 0.5, "tf": 0.3, "jax": 0.2}
 #: seconds for all workers together: with ~80 s of installs, `tox -e bench` stays under 10 minutes
 DEFAULT_TIME_LIMIT = 450.0
 
@@ -118,6 +118,24 @@ def _run_worker(backend: str, exe: str, cfg_path: Path, out_json: Path, log_path
     return payload
 
 
+def git_state() -> str:
+    """The commit measured, and which backend folders had uncommitted changes (they are measured too)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "impl_torch", "impl_tf", "impl_jax"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    folders = sorted({line[3:].split("/")[0] for line in dirty if line.strip()})
+    return head + (f" + uncommitted changes in {', '.join(folders)}" if folders else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -172,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} (no GPU)",
         "elapsed_s": time.perf_counter() - t0,
         "python": sys.version.split()[0],
+        "git": git_state(),
     }
     png = out / "ratio_vs_padding.png"
     plot_note = plot(results, cfg, png)
