@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 
 from ._core import PADDED_OUTPUTS, init, masked_batch_norm
-from .serialization import load, save
+from .serialization import load, load_portable, save, save_portable
 
-__all__ = ["PADDED_OUTPUTS", "init", "load", "masked_batch_norm", "save"]
+__all__ = ["PADDED_OUTPUTS", "init", "load", "load_portable", "masked_batch_norm", "save", "save_portable"]
 __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = ("nnx", "linen")

@@ -77,9 +77,7 @@ def channel_axis(shape: Sequence[int], axis: int) -> int:
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"axis must be a single int, got {axis!r}")
     if not -len(shape) <= axis < len(shape):
-        raise ValueError(
-            f"channel axis {axis} is out of range for x shape {_shape(shape)} (rank {len(shape)})"
-        )
+        raise ValueError(f"channel axis {axis} is out of range for x shape {_shape(shape)} (rank {len(shape)})")
     return int(axis) % len(shape)
 
 
@@ -99,9 +97,7 @@ def _validate(x, mask, params, state, axis, padded_output, training):
     (size 1 on the channel axis), or None when there is no mask.
     """
     if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(
-            f"training must be a Python bool (it selects what is traced), got {type(training).__name__}"
-        )
+        raise TypeError(f"training must be a Python bool (it selects what is traced), got {type(training).__name__}")
     if padded_output not in PADDED_OUTPUTS:
         raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
     x = jnp.asarray(x)
@@ -111,6 +107,9 @@ def _validate(x, mask, params, state, axis, padded_output, training):
             "masked batch norm takes float16, bfloat16, float32 or float64 input"
         )
     axis = channel_axis(x.shape, axis)
+    if x.size == 0:
+        # the spec's choice: an empty *mask* falls back to the moving stats, an empty *batch* is an error
+        raise ValueError(f"x shape {_shape(x.shape)} has no elements: masked batch norm needs a non-empty batch")
     channels = x.shape[axis]
     for where, tree in (("params", params), ("state", state)):
         for key, value in tree.items():
@@ -131,15 +130,18 @@ def _validate(x, mask, params, state, axis, padded_output, training):
         )
     without = x.shape[:axis] + x.shape[axis + 1 :]
     with_one = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
-    if mask.shape == without:
-        mask = jnp.expand_dims(mask, axis)
-    elif mask.shape != with_one:
+    if mask.shape not in (without, with_one):
         raise ValueError(
             f"mask shape {_shape(mask.shape)} does not fit x shape {_shape(x.shape)} with channel axis "
             f"{axis}: expected {_shape(without)} or {_shape(with_one)}"
         )
-    m = mask if mask.dtype == jnp.bool_ else mask != 0
-    return x, m, axis
+    # every mask dtype goes through the same int32 compare: XLA:CPU's fused reductions then get the
+    # same code whatever the mask's dtype (a bool mask read directly vectorizes differently and moves
+    # results by an ulp), so int masks give bit-for-bit the bool mask's results
+    if mask.dtype.itemsize > 4:
+        mask = mask != 0  # a 64-bit int would wrap to 0 when narrowed (2**32 -> 0)
+    m = mask.astype(jnp.int32) != 0
+    return x, m.reshape(with_one), axis
 
 
 def _psum(tree, cfg: _Config):
@@ -162,23 +164,43 @@ def _count(x, m, cfg: _Config):
     return n
 
 
-def _moments(xc, m, cfg: _Config):
-    """Count-weighted ``(n, mean, var)`` over the real positions, merged over
-    ``cfg.axis_name``: psum of (n, sum) gives the global mean, then psum of the
-    centered sums around that global mean gives the exact global variance.
+def _varying(v, cfg: _Config):
+    """Under ``axis_name``, type ``v`` as varying over the mapped axis (a no-op on its value).
+
+    The custom_vjp rules below are per-device: they return per-device partial
+    cotangents for every input, so every input must be per-device (varying)
+    too. A ``where`` on the (varying) device index does that on any JAX
+    version, and its transpose is the ``psum`` that gathers those partials for
+    replicated inputs (params, global statistics) under shard_map's
+    varying-axis typing, exactly as plain autodiff would.
+    """
+    if cfg.axis_name is None or v is None:
+        return v
+    return jnp.where(jax.lax.axis_index(cfg.axis_name) >= 0, v, v)
+
+
+def _moments(xc, m, cfg: _Config, centered_sums):
+    """Count-weighted ``(n, mean, var)`` over the real positions, merged
+    over ``cfg.axis_name``: psum of (n, sum) gives the global mean, then psum
+    of the centered sums around that global mean gives the exact global
+    variance (uneven and empty shards included).
 
     Corrected two-pass variance: ``sum(d^2)/n - (sum(d)/n)^2`` with
     ``d = x - mean`` on real rows; never ``E[x^2] - E[x]^2``.
     """
-    n, s = _psum((_count(xc, m, cfg), jnp.sum(_sel(m, xc, 0), axis=cfg.axes, keepdims=True)), cfg)
+    n_local = _count(xc, m, cfg)
+    n, s = _psum((n_local, jnp.sum(_sel(m, xc, 0), axis=cfg.axes, keepdims=True)), cfg)
     denom = jnp.maximum(n, 1).astype(cfg.compute_dtype)
     mean = s / denom
-    d = _sel(m, xc - mean, 0)
-    q, c = _psum(
-        (jnp.sum(d * d, axis=cfg.axes, keepdims=True), jnp.sum(d, axis=cfg.axes, keepdims=True)), cfg
-    )
+    q, c = _psum(centered_sums(cfg, xc, m, _varying(mean, cfg), n_local), cfg)
     var = jnp.maximum(q / denom - jnp.square(c / denom), 0)
-    return n, denom, mean, var
+    return n, mean, var
+
+
+def _centered_sums_plain(cfg: _Config, xc, m, mean, n_local):
+    """Per-device ``(sum d^2, sum d)`` over real rows, ``d = x - mean``."""
+    d = _sel(m, xc - mean, 0)
+    return jnp.sum(d * d, axis=cfg.axes, keepdims=True), jnp.sum(d, axis=cfg.axes, keepdims=True)
 
 
 def _vec(v, cfg: _Config):
@@ -193,59 +215,83 @@ def _affine(centered, r, scale, bias):
     return y if bias is None else y + bias
 
 
-# -- training path, analytic backward (the default) ---------------------------------------------------------
-
-
-def _train_forward(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
-    xc = x.astype(cfg.compute_dtype)
-    n, denom, mean, var = _moments(xc, m, cfg)
-    has = n > 0  # empty mask: normalize with the moving stats (no Python branch)
-    mu = jnp.where(has, mean, _vec(moving_mean, cfg))
-    r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
-    y = _affine(xc - mu, r, _vec(scale, cfg), _vec(bias, cfg))
-    if cfg.zero_padded:
-        y = _sel(m, y, 0)
-    out = (y.astype(x.dtype), mean, var, n)
-    return out, (x, m, scale, mu, r, denom)
+# -- training path with analytic backward rules (the default) -----------------------------------------------
+#
+# Two per-device custom_vjp pieces carry all the full-size work; the per-channel
+# glue between them (psum, mean, var, rsqrt, the empty-mask where, the moving
+# stats) is left to autodiff, so collectives transpose the way JAX defines them.
+# Summed over the pieces, the backward is the textbook one,
+# dx = scale*r*(g - (S1 + xhat*S2)/n) on real rows (plus the terms of the
+# returned batch stats), in one reduction pass and one elementwise pass, and
+# keeps only x, the mask and per-channel vectors as residuals. Every
+# full-size product is behind a ``where`` on the mask, so NaN/Inf in padded
+# rows can never reach a gradient.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_custom(cfg, x, m, scale, bias, moving_mean, moving_var):
-    return _train_forward(cfg, x, m, scale, bias, moving_mean, moving_var)[0]
+def _centered_sums(cfg, xc, m, mean, n_local):
+    return _centered_sums_plain(cfg, xc, m, mean, n_local)
 
 
-def _train_custom_fwd(cfg, x, m, scale, bias, moving_mean, moving_var):
-    out, res = _train_forward(cfg, x, m, scale, bias, moving_mean, moving_var)
-    # bias is kept only for its dtype/shape: the backward never needs its value
-    return out, res + (bias,)
+def _centered_sums_fwd(cfg, xc, m, mean, n_local):
+    q, c = _centered_sums_plain(cfg, xc, m, mean, n_local)
+    return (q, c), (xc, m, mean, c, n_local)
 
 
-def _train_custom_bwd(cfg: _Config, res, cts):
-    """dx = scale*r*(g - (S1 + xhat*S2)/n) on real rows, plus the terms of the
-    returned batch (mean, var); 0 on padded rows, selected by ``where`` so no
-    NaN/Inf in padded rows can reach a product. dscale = S2, dbias = S1.
-    Padded output rows are constants, so g is dy with padded rows zeroed.
-    The moving stats get no gradient: with n >= 1 they do not reach y, with
-    n == 0 every row is padded, hence constant."""
-    x, m, scale, mu, r, denom, bias = res
-    gy, gmean, gvar, _ = cts
-    xc = x.astype(cfg.compute_dtype)
-    g = _sel(m, gy.astype(cfg.compute_dtype), 0)
-    xmu = xc - mu
-    xhat = _sel(m, xmu * r, 0)
+def _centered_sums_bwd(cfg: _Config, res, cts):
+    xc, m, mean, c, n_local = res
+    gq, gc = cts
+    dxc = _sel(m, 2 * gq * (xc - mean) + gc, 0)
+    # sum of dxc over real rows, from the forward's own sums: sum(d) = c, count = n_local
+    dmean = -(2 * gq * c + gc * n_local.astype(c.dtype))
+    return dxc, None, dmean, None
+
+
+_centered_sums.defvjp(_centered_sums_fwd, _centered_sums_bwd)
+
+
+def _normalize_plain(cfg: _Config, xc, m, mu, r, scale, bias):
+    y = _affine(xc - mu, r, scale, bias)
+    return _sel(m, y, 0) if cfg.zero_padded else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _normalize(cfg, xc, m, mu, r, scale, bias):
+    """``scale * (x - mu) * r + bias`` on every row; padded rows are constants for autodiff."""
+    return _normalize_plain(cfg, xc, m, mu, r, scale, bias)
+
+
+def _normalize_fwd(cfg, xc, m, mu, r, scale, bias):
+    # bias is kept only to know whether it exists (its value is never needed)
+    return _normalize_plain(cfg, xc, m, mu, r, scale, bias), (xc, m, mu, r, scale, bias)
+
+
+def _normalize_bwd(cfg: _Config, res, gy):
+    xc, m, mu, r, scale, bias = res
+    g = _sel(m, gy, 0)  # padded output rows send nothing back
     s1 = jnp.sum(g, axis=cfg.axes, keepdims=True)
-    s2 = jnp.sum(g * xhat, axis=cfg.axes, keepdims=True)
-    # the batch stats are global under axis_name, so their cotangents gather over devices
-    s1, s2, gmean, gvar = _psum((s1, s2, gmean, gvar), cfg)
-    gain = r if scale is None else _vec(scale, cfg) * r
-    dx = gain * (g - (s1 + xhat * s2) / denom) + (gmean + 2 * gvar * xmu) / denom
-    dx = _sel(m, dx, 0).astype(x.dtype)
-    dscale = None if scale is None else s2.reshape(scale.shape).astype(scale.dtype)
-    dbias = None if bias is None else s1.reshape(bias.shape).astype(bias.dtype)
-    return dx, None, dscale, dbias, None, None
+    s2 = jnp.sum(g * _sel(m, xc - mu, 0), axis=cfg.axes, keepdims=True)
+    gain = r if scale is None else r * scale
+    dxc = _sel(m, g * gain, 0)
+    dmu = -gain * s1
+    dr = s2 if scale is None else scale * s2
+    dscale = None if scale is None else r * s2
+    dbias = None if bias is None else s1
+    return dxc, None, dmu, dr, dscale, dbias
 
 
-_train_custom.defvjp(_train_custom_fwd, _train_custom_bwd)
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _train_custom(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
+    xc = _varying(x.astype(cfg.compute_dtype), cfg)
+    n, mean, var = _moments(xc, m, cfg, _centered_sums)
+    has = n > 0  # empty mask: normalize with the moving stats (no Python branch)
+    mu = jnp.where(has, mean, _vec(moving_mean, cfg))
+    r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
+    per_device = functools.partial(_varying, cfg=cfg)
+    y = _normalize(cfg, xc, m, *map(per_device, (mu, r, _vec(scale, cfg), _vec(bias, cfg))))
+    return y.astype(x.dtype), mean, var, n
 
 
 # -- autodiff paths: eval, and the training oracle the tests check the custom_vjp against -------------------
@@ -256,7 +302,7 @@ def _train_autodiff(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
     gradients: the differentiable path only sees ``where(m, x, 0)`` and padded
     output rows go through ``stop_gradient``."""
     xc = x.astype(cfg.compute_dtype)
-    n, _, mean, var = _moments(xc, m, cfg)
+    n, mean, var = _moments(xc, m, cfg, _centered_sums_plain)
     has = n > 0
     mu = jnp.where(has, mean, _vec(moving_mean, cfg))
     r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
@@ -268,11 +314,7 @@ def _output(cfg: _Config, xc, m, mu, r, scale, bias):
     real = _affine(_sel(m, xc, 0) - mu, r, scale, bias)
     if m is None:
         return real
-    padded = (
-        jnp.zeros((), real.dtype)
-        if cfg.zero_padded
-        else jax.lax.stop_gradient(_affine(xc - mu, r, scale, bias))
-    )
+    padded = jnp.zeros((), real.dtype) if cfg.zero_padded else jax.lax.stop_gradient(_affine(xc - mu, r, scale, bias))
     return jnp.where(m, real, padded)
 
 

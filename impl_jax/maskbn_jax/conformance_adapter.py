@@ -19,7 +19,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from maskbn_conformance.adapter import Gradients, LayerConfig, Output, Unsupported
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from maskbn_conformance.adapter import Gradients, LayerConfig, Output, ShardedGradients, Unsupported
 
 from . import serialization
 from ._core import init, masked_batch_norm
@@ -27,6 +30,8 @@ from ._core import init, masked_batch_norm
 _TO_FLAX = {"gamma": "scale", "beta": "bias", "moving_mean": "mean", "moving_var": "var"}
 _FROM_FLAX = {v: k for k, v in _TO_FLAX.items()}
 _PARAM_KEYS = ("scale", "bias")
+#: CPU devices asked for before JAX's runtime starts, so sharded cases get one device per shard
+SHARD_DEVICES = 8
 _X_DTYPES = {
     "float16": jnp.float16,
     "bfloat16": jnp.bfloat16,
@@ -89,9 +94,7 @@ class _Base:
         with self._x64():
             x_j = self._array(x, x_dtype)
             dy_j = self._array(dy, x_dtype)
-            y, vjp, new_state = jax.vjp(
-                lambda x_, p_: self._run(x_, mask, True, p_), x_j, self.params, has_aux=True
-            )
+            y, vjp, new_state = jax.vjp(lambda x_, p_: self._run(x_, mask, True, p_), x_j, self.params, has_aux=True)
             dx, dparams = vjp(dy_j)
             self.state = new_state
             grads = Gradients(
@@ -119,10 +122,12 @@ class _Base:
         config = dataclasses.asdict(self.config)
         with self._x64():
             if _flax_available():
+                Path(directory).mkdir(parents=True, exist_ok=True)
                 path = Path(directory) / "layer.msgpack"
                 path.write_bytes(serialization.to_bytes(self.params, self.state, config))
                 params, state, loaded = serialization.from_bytes(path.read_bytes())
             else:
+                Path(directory).mkdir(parents=True, exist_ok=True)
                 path = Path(directory) / "layer.npz"
                 serialization.save(path, self.params, self.state, config)
                 params, state, loaded = serialization.load(path)
@@ -146,6 +151,13 @@ class JaxMaskedLayer(_Base):
     def _run(self, x, mask, training, params=None):
         mask = None if mask is None else jnp.asarray(mask)
         return self._fns[training](x, mask, self.params if params is None else params, self.state)
+
+    def export_portable(self, directory: Path) -> None:
+        c = self.config
+        serialization.save_portable(
+            directory, self.params, self.state, momentum=c.decay, epsilon=c.epsilon, axis=c.axis,
+            padded_output=c.padded_output,
+        )  # fmt: skip
 
 
 class FlaxStockLayer(_Base):
@@ -193,16 +205,173 @@ class FlaxStockLayer(_Base):
         return self._fns[training](x, self.params if params is None else params, self.state)
 
 
+class JaxShardedLayer:
+    """One masked layer replicated over ``num_shards`` CPU devices with ``jax.shard_map``;
+    the statistics merge through ``masked_batch_norm(..., axis_name="shards")`` (psum).
+
+    shard_map needs equal shards, so uneven ones are padded to the largest with
+    all-padded batch items (mask False, x 0): masked statistics ignore them by
+    construction, as they do any static-shape padding, and their rows are cut
+    from the outputs and gradients.
+    """
+
+    def __init__(self, config: LayerConfig, num_shards: int):
+        devices = jax.devices("cpu")
+        if len(devices) < num_shards:
+            raise Unsupported(
+                f"{num_shards} shards need {num_shards} CPU devices; JAX has {len(devices)} (its runtime "
+                f"started before the jax backend could ask for {SHARD_DEVICES} via jax_num_cpu_devices)"
+            )
+        if config.axis % config.rank == 0:
+            raise Unsupported("shards split axis 0, which is this layer's channel axis")
+        self.config = config
+        self.one = JaxMaskedLayer(config)
+        self.mesh = jax.make_mesh((num_shards,), ("shards",), axis_types=(AxisType.Auto,), devices=devices[:num_shards])
+
+    @functools.cached_property
+    def _fns(self):
+        c = self.config
+        kw = {"momentum": c.decay, "epsilon": c.epsilon, "axis": c.axis, "padded_output": c.padded_output}
+
+        def build(training):
+            body = functools.partial(masked_batch_norm, training=training, axis_name="shards", **kw)
+            sharded = jax.shard_map(
+                body,
+                mesh=self.mesh,
+                in_specs=(P("shards"), P("shards"), P(), P()),
+                out_specs=(P("shards"), P()),
+            )
+            return jax.jit(sharded)
+
+        return {training: build(training) for training in (True, False)}
+
+    def _stack(self, arrays, fill_mask: bool):
+        """Pad every shard to the largest along axis 0 and concatenate; also returns the sizes."""
+        sizes = [len(a) for a in arrays]
+        width = max(sizes)
+        padded = []
+        for a in arrays:
+            pad = np.zeros((width - len(a),) + a.shape[1:], a.dtype)
+            padded.append(np.concatenate([a, pad]) if fill_mask or pad.size else a)
+        return np.concatenate(padded), sizes, width
+
+    def _inputs(self, xs, x_dtype, masks):
+        axis = self.config.axis % xs[0].ndim
+        full = [
+            np.ones(x.shape[:axis] + x.shape[axis + 1 :], bool) if m is None else np.asarray(m)
+            for x, m in zip(xs, masks, strict=True)
+        ]
+        x, sizes, width = self._stack([np.asarray(x) for x in xs], False)
+        mask, _, _ = self._stack(full, True)
+        return self.one._array(x, x_dtype), jnp.asarray(mask), sizes, width
+
+    def _split(self, y, sizes, width) -> list[Output]:
+        return [self.one._out(y[k * width : k * width + n]) for k, n in enumerate(sizes)]
+
+    def forward(self, xs, x_dtype, masks, training):
+        with self.one._x64():
+            x, mask, sizes, width = self._inputs(xs, x_dtype, masks)
+            y, self.one.state = self._fns[training](x, mask, self.one.params, self.one.state)
+            return self._split(y, sizes, width)
+
+    def forward_backward(self, xs, x_dtype, masks, dys):
+        with self.one._x64():
+            x, mask, sizes, width = self._inputs(xs, x_dtype, masks)
+            dy, _, _ = self._stack([np.asarray(d) for d in dys], False)
+            fn = self._fns[True]
+            y, vjp, new_state = jax.vjp(
+                lambda x_, p_: fn(x_, mask, p_, self.one.state), x, self.one.params, has_aux=True
+            )
+            dx, dparams = vjp(self.one._array(dy, x_dtype))
+            self.one.state = new_state
+            grads = ShardedGradients(
+                xs=self._split(dx, sizes, width),
+                gamma=np.asarray(dparams["scale"]) if "scale" in dparams else None,
+                beta=np.asarray(dparams["bias"]) if "bias" in dparams else None,
+            )
+            return self._split(y, sizes, width), grads
+
+    def get_state(self):
+        return self.one.get_state()
+
+    def set_state(self, state):
+        self.one.set_state(state)
+
+    def close(self) -> None:
+        # the CPU devices belong to the process; nothing else is held
+        self.one = None
+
+
 class JaxBackend:
     """Entry point ``maskbn.backends: jax``."""
 
     name = "jax"
+
+    def __init__(self):
+        # sharded cases need a CPU device per shard, which JAX creates only if asked
+        # before its runtime starts (as TF's logical devices)
+        try:
+            if jax.config.jax_num_cpu_devices < SHARD_DEVICES:
+                jax.config.update("jax_num_cpu_devices", SHARD_DEVICES)
+        except RuntimeError:
+            pass  # already started: sharded cases report Unsupported with the reason
 
     def layer(self, config: LayerConfig) -> JaxMaskedLayer:
         return JaxMaskedLayer(config)
 
     def stock_layer(self, config: LayerConfig) -> FlaxStockLayer:
         return FlaxStockLayer(config)
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> JaxShardedLayer:
+        return JaxShardedLayer(config, num_shards)
+
+    def import_portable(self, directory: Path) -> JaxMaskedLayer:
+        # read under x64 so a float64 layer stays float64; float32 arrays are unaffected
+        with jax.enable_x64(True):
+            params, state, kw = serialization.load_portable(directory)
+        dtype = "float64" if state["mean"].dtype == jnp.float64 else "float32"
+        axis = kw["axis"]
+        config = LayerConfig(
+            channels=int(state["mean"].shape[0]),
+            axis=axis,
+            # a JAX layer takes any rank; this is the smallest that has the channel axis
+            rank=axis + 1 if axis >= 0 else -axis,
+            decay=kw["momentum"],
+            epsilon=kw["epsilon"],
+            center="bias" in params,
+            scale="scale" in params,
+            padded_output=kw["padded_output"],
+            dtype=dtype,
+        )
+        layer = JaxMaskedLayer(config)
+        layer.params, layer.state = params, state
+        return layer
+
+    def from_stock_checkpoint(self, stock: FlaxStockLayer, directory: Path) -> JaxMaskedLayer:
+        """Flax's usual checkpoint: the stock module's variables through
+        ``flax.serialization``, restored into the variables of a model holding
+        ``maskbn_jax.linen.BatchNorm`` (same class name, same variable paths)."""
+        from flax import serialization as flax_serialization
+
+        from .linen import BatchNorm
+
+        c = stock.config
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "batchnorm.msgpack"
+        with stock._x64():
+            path.write_bytes(flax_serialization.to_bytes({"params": stock.params, "batch_stats": stock.state}))
+            module = BatchNorm(
+                axis=c.axis, momentum=c.decay, epsilon=c.epsilon, use_bias=c.center, use_scale=c.scale,
+                param_dtype=stock.store_dtype, padded_output=c.padded_output,
+            )  # fmt: skip
+            shape = [1] * c.rank
+            shape[c.axis] = c.channels
+            target = module.init(jax.random.key(0), jnp.zeros(shape, stock.store_dtype), use_running_average=True)
+            restored = flax_serialization.from_bytes(target, path.read_bytes())
+        layer = JaxMaskedLayer(c)
+        layer.params, layer.state = dict(restored["params"]), dict(restored["batch_stats"])
+        return layer
 
     def expectations_path(self) -> Path | None:
         return Path(__file__).with_name("conformance_expectations.yaml")

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from ._core import channel_axis, channel_mismatch, masked_batch_norm
 
-__all__ = ["MaskedBatchNorm"]
+__all__ = ["BatchNorm", "MaskedBatchNorm"]
 
 
 class MaskedBatchNorm(nn.Module):
@@ -64,9 +64,7 @@ class MaskedBatchNorm(nn.Module):
         ``mask``: bool/int, ``x.shape`` without the channel axis (or with it set
         to 1); None means every row is real.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         x = jnp.asarray(x)
         axis = channel_axis(x.shape, self.axis)
         shape = (x.shape[axis],)
@@ -100,3 +98,12 @@ class MaskedBatchNorm(nn.Module):
             ra_mean.value = new["mean"]
             ra_var.value = new["var"]
         return y if self.dtype is None else y.astype(self.dtype)
+
+
+class BatchNorm(MaskedBatchNorm):
+    """:class:`MaskedBatchNorm` under Flax's class name.
+
+    linen names unnamed submodules after their class (``BatchNorm_0``), so a
+    model that swaps ``nn.BatchNorm`` for this class keeps its variable paths
+    and loads its existing checkpoints unchanged.
+    """

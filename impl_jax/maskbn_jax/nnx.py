@@ -96,9 +96,7 @@ class MaskedBatchNorm(nnx.Module):
         ``mask``: bool/int, ``x.shape`` without the channel axis (or with it set
         to 1); None means every row is real.
         """
-        use_running_average = (
-            use_running_average if use_running_average is not None else self.use_running_average
-        )
+        use_running_average = use_running_average if use_running_average is not None else self.use_running_average
         if use_running_average is None:
             raise ValueError(
                 "No use_running_average given: pass it to the constructor or the call, or use train()/eval()"

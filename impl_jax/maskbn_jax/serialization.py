@@ -11,6 +11,10 @@ Two formats:
   ``flax.linen.BatchNorm`` checkpoint loads unchanged. Needs Flax.
 
 Arrays keep their dtype (float32, or float64 for a float64 layer).
+
+``save_portable`` / ``load_portable`` write and read the framework-neutral
+portable folder every maskbn backend shares (spec/README.md, "Portable state"),
+so a layer trained with PyTorch or Keras loads here, and back.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 import jax.numpy as jnp
@@ -60,9 +65,7 @@ def load(file: str | os.PathLike | IO[bytes]) -> tuple[dict, dict, dict]:
     return out["params"], out["batch_stats"], config
 
 
-def to_bytes(
-    params: Mapping[str, Any], state: Mapping[str, Any], config: Mapping[str, Any] | None = None
-) -> bytes:
+def to_bytes(params: Mapping[str, Any], state: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> bytes:
     """Serialize with ``flax.serialization.msgpack_serialize`` (requires Flax)."""
     from flax import serialization
 
@@ -82,3 +85,81 @@ def from_bytes(data: bytes) -> tuple[dict, dict, dict]:
     params = {k: jnp.asarray(v) for k, v in tree.get("params", {}).items()}
     state = {k: jnp.asarray(v) for k, v in tree["batch_stats"].items()}
     return params, state, dict(tree.get("config", {}))
+
+
+# -- the framework-neutral portable format (spec/README.md, "Portable state") --------------------------------
+
+PORTABLE_FORMAT = "maskbn-portable"
+_PORTABLE_VERSION = 1
+_TO_NEUTRAL = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_var"}
+
+
+def save_portable(
+    directory: str | os.PathLike,
+    params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    *,
+    momentum: float,
+    epsilon: float,
+    axis: int = -1,
+    padded_output: str = "normalize",
+) -> None:
+    """Write a layer into ``directory`` in the portable format shared by every maskbn backend.
+
+    ``maskbn.json`` holds the config in neutral terms (``decay`` is Flax's
+    ``momentum``; ``center``/``scale`` are whether ``bias``/``scale`` exist) and
+    ``maskbn.npz`` the arrays under neutral names (``gamma``, ``beta``,
+    ``moving_mean``, ``moving_var`` = population variance), in their own dtype.
+    """
+    channels = int(np.shape(state["mean"])[0])
+    config = {
+        "format": PORTABLE_FORMAT,
+        "version": _PORTABLE_VERSION,
+        "channels": channels,
+        "axis": int(axis),
+        "decay": float(momentum),
+        "epsilon": float(epsilon),
+        "center": "bias" in params,
+        "scale": "scale" in params,
+        "padded_output": padded_output,
+    }
+    arrays = {_TO_NEUTRAL[k]: np.asarray(v) for tree in (params, state) for k, v in tree.items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "maskbn.json").write_text(json.dumps(config, indent=2))
+    np.savez(directory / "maskbn.npz", **arrays)
+
+
+def load_portable(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """Read a portable folder written by any maskbn backend.
+
+    Returns ``(params, state, config)`` with ``config`` holding the keyword
+    arguments of :func:`maskbn_jax.masked_batch_norm` (``momentum``,
+    ``epsilon``, ``axis``, ``padded_output``). float64 state stays float64 only
+    under ``jax_enable_x64``.
+    """
+    directory = Path(directory)
+    config = json.loads((directory / "maskbn.json").read_text())
+    if config.get("format") != PORTABLE_FORMAT or config.get("version") != _PORTABLE_VERSION:
+        raise ValueError(f"{directory / 'maskbn.json'} is not a version {_PORTABLE_VERSION} {PORTABLE_FORMAT} file")
+    with np.load(directory / "maskbn.npz", allow_pickle=False) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    params, state = {}, {}
+    for name, neutral in _TO_NEUTRAL.items():
+        wanted = {"scale": config["scale"], "bias": config["center"]}.get(name, True)
+        if (neutral in arrays) != wanted:
+            raise ValueError(f"{directory / 'maskbn.npz'}: {neutral} does not match center/scale in the config")
+        if wanted:
+            value = arrays[neutral]
+            if value.shape != (config["channels"],):
+                raise ValueError(
+                    f"{directory / 'maskbn.npz'}: {neutral} has shape {value.shape}, expected ({config['channels']},)"
+                )
+            (params if name in ("scale", "bias") else state)[name] = jnp.asarray(value)
+    kwargs = {
+        "momentum": config["decay"],
+        "epsilon": config["epsilon"],
+        "axis": config["axis"],
+        "padded_output": config["padded_output"],
+    }
+    return params, state, kwargs
