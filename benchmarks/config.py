@@ -94,6 +94,7 @@ def make_config(
     torch_compile: bool | None = None,
     budget_s: float | None = None,
     torch_compile_bf16: bool = False,
+    headline_only: bool = False,
 ) -> dict:
     """The configuration handed to every worker (JSON-serializable).
 
@@ -126,7 +127,7 @@ def make_config(
             "seed": 0,
             "headline": {**HEADLINE, "shape": QUICK_SHAPES[0]["id"]},
         }
-    return {
+    cfg = {
         "quick": False,
         "shapes": SHAPES,
         "dtypes": DTYPES,
@@ -142,6 +143,16 @@ def make_config(
         "seed": 0,
         "headline": HEADLINE,
     }
+    if headline_only:
+        cfg.update(
+            headline_only=True,
+            shapes=[s for s in SHAPES if s["id"] == HEADLINE["shape"]],
+            dtypes=[HEADLINE["dtype"]],
+            paddings=[HEADLINE["padding"]],
+            min_repeats=7,
+            max_repeats=31,
+        )
+    return cfg
 
 
 def make_mask(shape: list[int], channel_axis: int, padding: float, seed: int) -> np.ndarray:

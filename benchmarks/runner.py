@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: left when it starts (what one leaves unused goes to the next); the repeats adapt to 75 % of it
 WEIGHTS = {"torch": 0.5, "tf": 0.3, "jax": 0.2}
 #: seconds for all workers together: with ~80 s of installs, `tox -e bench` stays under 10 minutes
-DEFAULT_TIME_LIMIT = 450.0
+DEFAULT_TIME_LIMIT = 480.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="BACKEND=EXE",
         help="interpreter for a backend's worker (default: this one), e.g. --python tf=/root/venvs/tf/bin/python",
+    )
+    p.add_argument(
+        "--headline",
+        action="store_true",
+        help="only the headline shape, dtype and padding (every form), with up to 31 rounds: checks the targets fast",
     )
     p.add_argument(
         "--torch-compile",
@@ -109,9 +114,15 @@ def _run_worker(backend: str, exe: str, cfg_path: Path, out_json: Path, log_path
     payload["python"] = exe
     payload["wall_s"] = round(wall, 1)
     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-    if timed_out:
+    planned = payload.get("groups_planned")
+    if timed_out and planned is not None and len(payload["rows"]) >= planned:
+        payload["status"] = "ok"  # every group finished; only the process exit was cut short
+    elif timed_out:
         payload["status"] = "timed out"
-        payload["reason"] = f"stopped after {timeout:.0f} s; {len(payload['rows'])} groups finished"
+        payload["reason"] = (
+            f"stopped at its {timeout:.0f} s share of --time-limit; {len(payload['rows'])} of "
+            f"{planned if planned is not None else '?'} groups finished (the compiled form first)"
+        )
     elif payload.get("status") not in ("ok", "not installed"):
         payload["status"] = "failed"
         payload["reason"] = f"worker exit code {rc}: " + " / ".join(tail)[-500:]
@@ -156,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict = {}
     cfgs: dict = {}
-    limit = args.time_limit if args.time_limit is not None else (300.0 if args.quick else DEFAULT_TIME_LIMIT)
+    limit = args.time_limit
+    if limit is None:
+        limit = 300.0 if args.quick or args.headline else DEFAULT_TIME_LIMIT
     for i, backend in enumerate(backends):
         left = limit - (time.perf_counter() - t0)
         share = max(left * WEIGHTS[backend] / sum(WEIGHTS[b] for b in backends[i:]), 30.0)
@@ -167,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             torch_compile=args.torch_compile,
             budget_s=budget,
             torch_compile_bf16=args.torch_compile_bf16,
+            headline_only=args.headline,
         )
         cfgs[backend] = cfg
         cfg_path = out / f"config_{backend}.json"
@@ -183,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    cfg = make_config(quick=args.quick, torch_compile=args.torch_compile, torch_compile_bf16=args.torch_compile_bf16)
+    cfg = make_config(
+        quick=args.quick,
+        torch_compile=args.torch_compile,
+        torch_compile_bf16=args.torch_compile_bf16,
+        headline_only=args.headline,
+    )
     cfg["forms"] = {b: c["forms"][b] for b, c in cfgs.items()} | {b: [] for b in BACKENDS if b not in cfgs}
     meta = {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -212,4 +231,5 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(combined, indent=1))
     print(md)
     print(f"[bench] wrote {out / 'results.md'}, {out / 'results.json'}" + ("" if plot_note else f", {png}"))
-    return 0 if all(p["status"] in ("ok", "not installed") for p in results.values()) else 1
+    # a backend cut short by the time limit is reported (partial rows), not an error; a crash is
+    return 0 if all(p["status"] in ("ok", "not installed", "timed out") for p in results.values()) else 1
