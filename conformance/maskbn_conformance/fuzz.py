@@ -914,7 +914,7 @@ def repro(backend: str, prop: str, example: Example) -> str:
         else:
             out = layer.forward(inp.x, inp.x_dtype, inp.mask, training=call == "train")
         print(out.dtype, out.value.ravel()[:6], layer.get_state())
-    fuzz.{fn}(loaded, ex)                            # the failing check itself
+    {f"fuzz.{fn}(loaded, ex)":<48} # the failing check itself
 as a spec case (to pin it in spec/cases/*.yaml):
 {example.as_yaml()}"""
 
