@@ -205,6 +205,22 @@ class FlaxStockLayer(_Base):
         return self._fns[training](x, self.params if params is None else params, self.state)
 
 
+def request_shard_devices() -> bool:
+    """Ask JAX for ``SHARD_DEVICES`` CPU devices (one per shard of the sharded cases).
+
+    JAX creates its devices when its runtime starts, so this only works before
+    the first JAX computation (as TF's logical devices); returns whether the
+    devices are there. When they are not, sharded cases report Unsupported with
+    the reason.
+    """
+    try:
+        if jax.config.jax_num_cpu_devices < SHARD_DEVICES:
+            jax.config.update("jax_num_cpu_devices", SHARD_DEVICES)
+    except RuntimeError:
+        pass  # the runtime already started
+    return len(jax.devices("cpu")) >= SHARD_DEVICES
+
+
 class JaxShardedLayer:
     """One masked layer replicated over ``num_shards`` CPU devices with ``jax.shard_map``;
     the statistics merge through ``masked_batch_norm(..., axis_name="shards")`` (psum).
@@ -308,13 +324,7 @@ class JaxBackend:
     name = "jax"
 
     def __init__(self):
-        # sharded cases need a CPU device per shard, which JAX creates only if asked
-        # before its runtime starts (as TF's logical devices)
-        try:
-            if jax.config.jax_num_cpu_devices < SHARD_DEVICES:
-                jax.config.update("jax_num_cpu_devices", SHARD_DEVICES)
-        except RuntimeError:
-            pass  # already started: sharded cases report Unsupported with the reason
+        request_shard_devices()
 
     def layer(self, config: LayerConfig) -> JaxMaskedLayer:
         return JaxMaskedLayer(config)

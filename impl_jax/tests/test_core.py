@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jaxbn_helpers import DTYPES, Y_TOL, affine, make_mask, reference
 
 from maskbn_jax import init, masked_batch_norm
@@ -25,7 +27,8 @@ def test_training_matches_reference(rng, dtype, pattern, shape, axis):
     c = shape[axis]
     m = make_mask(pattern, tuple(np.delete(shape, axis % len(shape))))
     params, state = affine(rng, c)
-    y, new = masked_batch_norm(x, m, params, state, training=True, momentum=0.9, epsilon=1e-3, axis=axis)
+    run = jax.jit(functools.partial(masked_batch_norm, training=True, momentum=0.9, epsilon=1e-3, axis=axis))
+    y, new = run(x, m, params, state)
     ref_y, ref_mean, ref_var = reference(
         np.asarray(x.astype(jnp.float32)),
         m,
@@ -188,3 +191,31 @@ def test_float64_layer_keeps_float64(rng):
         y, new = masked_batch_norm(x, np.arange(5) % 2, params, state, training=True, momentum=0.0)
         assert y.dtype == new["mean"].dtype == new["var"].dtype == jnp.float64
         np.testing.assert_allclose(new["var"], np.asarray(x)[1::2].var(0), rtol=1e-13)
+
+
+@st.composite
+def layouts(draw):
+    """A random rank-2..4 shape, channel axis, mask density and seed."""
+    rank = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=rank, max_size=rank)))
+    axis = draw(st.integers(-rank, rank - 1))
+    return shape, axis, draw(st.floats(0.0, 1.0)), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_any_layout_matches_reference(layout):
+    shape, axis, density, seed = layout
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1.0, 2.0, shape).astype(np.float32)
+    m = rng.random(tuple(np.delete(shape, axis % len(shape)))) < density
+    params, state = affine(rng, shape[axis])
+    run = jax.jit(functools.partial(masked_batch_norm, training=True, momentum=0.5, epsilon=1e-2, axis=axis))
+    y, new = run(jnp.asarray(x), m, params, state)
+    ref_y, ref_mean, ref_var = reference(
+        x, m, *(np.asarray(v) for v in (params["scale"], params["bias"], state["mean"], state["var"])),
+        training=True, momentum=0.5, epsilon=1e-2, axis=axis,
+    )  # fmt: skip
+    np.testing.assert_allclose(new["mean"], ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], ref_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)

@@ -39,9 +39,12 @@ def vjp_all(x, m, params, state, dy, *, custom_vjp, padded_output="normalize", s
     return y, new, pullback((dy, {"mean": w, "var": w * w}))
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("padded_output", ["normalize", "zero"])
-@pytest.mark.parametrize("pattern", ["random", "prefix", "single", "all"])
+@pytest.mark.parametrize(
+    ("dtype", "pattern"),
+    # every mask pattern in float32; the half dtypes on the random mask (their difference is the rounding)
+    [("float32", p) for p in ("random", "prefix", "single", "all")] + [(d, "random") for d in ("float16", "bfloat16")],
+)
 def test_custom_vjp_matches_autodiff(rng, dtype, padded_output, pattern):
     x = jnp.asarray(rng.normal(1.0, 2.0, (4, 10, 6)), DTYPES[dtype])
     m = make_mask(pattern, (4, 10))
