@@ -267,6 +267,7 @@ def plot(results: dict, cfg: dict, path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         return "matplotlib is not installed: no plot"
     backends = [b for b, p in results.items() if p.get("rows")]
@@ -300,6 +301,9 @@ def plot(results: dict, cfg: dict, path) -> str | None:
                 ax.axhline(bound, color="k", lw=0.8, ls=":", label=f"target vs native ({bound})")
             ax.axhline(1.0, color="grey", lw=0.5)
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_title(f"{backend}: {FORMS[backend].get(form, form)}\n{MODE_LABELS[mode]}, {dtype}", fontsize=9)
             ax.set_xlabel("padding (%)")
             if j == 0:

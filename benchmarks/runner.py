@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"seconds for all workers together (default {DEFAULT_TIME_LIMIT:.0f}; 300 with --quick); a worker "
         "stopped at its share keeps the groups it finished, the headline ones first",
     )
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: rewrite results.md and the plot from the results.json already in --out",
+    )
     p.add_argument("--budget", type=float, default=None, help="seconds per backend the repeats adapt to (overrides)")
     p.add_argument("--timeout", type=float, default=None, help="hard limit per backend worker in seconds (overrides)")
     return p.parse_args(argv)
@@ -147,6 +152,31 @@ def git_state() -> str:
     return head + (f" + uncommitted changes in {', '.join(folders)}" if folders else "")
 
 
+def write_report(out: Path, results: dict, cfg: dict, meta: dict) -> tuple[str, str | None]:
+    """results.md and ratio_vs_padding.png under ``out``; returns the Markdown and why there is no plot."""
+    png = out / "ratio_vs_padding.png"
+    plot_note = plot(results, cfg, png)
+    md = markdown(results, cfg, meta)
+    md += f"\n\nPlot: {plot_note}\n" if plot_note else f"\n\n![ours / native BN vs padding]({png.name})\n"
+    (out / "results.md").write_text(md)
+    return md, plot_note
+
+
+def render(out: Path) -> int:
+    """``--render``: the Markdown and the plot again, from a saved results.json."""
+    path = out / "results.json"
+    if not path.exists():
+        print(f"no {path} to render", file=sys.stderr)
+        return 2
+    data = json.loads(path.read_text())
+    _, plot_note = write_report(out, data["backends"], data["config"], data["meta"])
+    print(
+        f"[bench] wrote {out / 'results.md'}"
+        + (f" ({plot_note})" if plot_note else f", {out / 'ratio_vs_padding.png'}")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -163,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         pythons[name] = exe
 
     out = Path(args.out)
+    if args.render:
+        return render(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict = {}
@@ -211,15 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "git": git_state(),
     }
-    png = out / "ratio_vs_padding.png"
-    plot_note = plot(results, cfg, png)
     meta["elapsed_s"] = time.perf_counter() - t0
-    md = markdown(results, cfg, meta)
-    if plot_note:
-        md += f"\n\nPlot: {plot_note}\n"
-    else:
-        md += f"\n\n![ours / native BN vs padding]({png.name})\n"
-    (out / "results.md").write_text(md)
+    md, plot_note = write_report(out, results, cfg, meta)
     combined = {
         "meta": meta,
         "config": cfg,
@@ -230,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "results.json").write_text(json.dumps(combined, indent=1))
     print(md)
+    png = out / "ratio_vs_padding.png"
     print(f"[bench] wrote {out / 'results.md'}, {out / 'results.json'}" + ("" if plot_note else f", {png}"))
     # a backend cut short by the time limit is reported (partial rows), not an error; a crash is
     return 0 if all(p["status"] in ("ok", "not installed", "timed out") for p in results.values()) else 1

@@ -56,6 +56,13 @@ def test_quick_run_writes_ratio_table_and_json(tmp_path):
             assert "median_ms" in row["impls"]["native"], row
             assert ratio(row, "native") > 0
     assert len(data["headline"]) == 3 * 2
+    # the report can be rendered again from the saved JSON alone
+    (out / "results.md").unlink()
+    again = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--render", "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ours/native" in (out / "results.md").read_text()
 
 
 def test_a_broken_worker_is_reported_not_dropped(tmp_path):
