@@ -94,6 +94,12 @@ def _select(t: Tensor, keep: Tensor, *, inplace: bool) -> Tensor:
     about 5x slower than this vectorized integer AND, and it runs several times per
     call, so it decides a large part of the cost relative to native batch norm.
     """
+    if torch.compiler.is_compiling():
+        # inductor vectorizes a select but not the bit-cast below, which compiles to
+        # scalar loops (training step 2.4x native BN instead of 0.8x, benchmarks/README.md).
+        # masked_fill writes +0.0, the same bits as the AND.
+        padded = keep == 0
+        return t.masked_fill_(padded, 0.0) if inplace else t.masked_fill(padded, 0.0)
     bits = t.view(keep.dtype)
     return bits.bitwise_and_(keep).view(t.dtype) if inplace else bits.bitwise_and(keep).view(t.dtype)
 

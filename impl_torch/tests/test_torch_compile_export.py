@@ -99,3 +99,23 @@ def test_export_with_a_dynamic_batch_and_length(training, with_mask, gen):
     torch.testing.assert_close(exported(x, mask), layer(x, mask))
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("padded_output", ["normalize", "zero"])
+def test_compiled_garbage_padding_changes_no_real_bit(padded_output, gen):
+    # the compiled path masks with masked_fill instead of the eager bit-AND: it must
+    # isolate NaN/Inf padding just as bit-for-bit
+    x = torch.randn(3, 6, 4, generator=gen) * 2 + 1
+    dy = torch.randn(x.shape, generator=gen)
+    mask = prefix_mask(3, 6, [6, 2, 0])
+    real = mask[..., None].expand_as(x)
+    dy = torch.where(real, dy, 0.0)
+    runs = []
+    for fill in (0.0, float("nan"), float("inf")):
+        module = MaskedBatchNorm(4, channel_axis=-1, padded_output=padded_output)
+        compiled = torch.compile(module, fullgraph=True, backend="inductor", dynamic=False)
+        y, dx = _step(compiled, torch.where(real, x, fill), mask, dy)
+        runs.append((y[real], dx, module.running_mean, module.running_var, module.weight.grad, module.bias.grad))
+    for garbage in runs[1:]:
+        for got, want in zip(garbage, runs[0]):
+            assert torch.equal(got, want)
