@@ -81,6 +81,11 @@ def channel_axis(shape: Sequence[int], axis: int) -> int:
     return int(axis) % len(shape)
 
 
+def _given_dtype(a) -> np.dtype:
+    """The dtype of ``a`` as given (NumPy or JAX array, tracer, or nested list), without converting it."""
+    return np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
 def channel_mismatch(x_shape, axis: int, what: str, shape) -> ValueError:
     """The error for a layer whose per-channel ``what`` (of ``shape``) does not fit x."""
     layer = shape[0] if len(shape) == 1 else _shape(shape)
@@ -100,12 +105,15 @@ def _validate(x, mask, params, state, axis, padded_output, training):
         raise TypeError(f"training must be a Python bool (it selects what is traced), got {type(training).__name__}")
     if padded_output not in PADDED_OUTPUTS:
         raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    # dtypes are checked on what the caller passed: jnp.asarray would first turn a NumPy int64 or
+    # float64 array into int32 / float32 (JAX without x64) and the error would name the wrong dtype
+    x_dtype = _given_dtype(x)
+    if not jnp.issubdtype(x_dtype, jnp.floating):
         raise TypeError(
-            f"x dtype {x.dtype} is not a floating dtype (x shape {_shape(x.shape)}); "
+            f"x dtype {x_dtype.name} is not a floating dtype (x shape {_shape(np.shape(x))}); "
             "masked batch norm takes float16, bfloat16, float32 or float64 input"
         )
+    x = jnp.asarray(x)
     axis = channel_axis(x.shape, axis)
     if x.size == 0:
         # the spec's choice: an empty *mask* falls back to the moving stats, an empty *batch* is an error
@@ -122,12 +130,13 @@ def _validate(x, mask, params, state, axis, padded_output, training):
             raise KeyError(f"state must hold 'mean' and 'var' (got keys {sorted(state)})")
     if mask is None:
         return x, None, axis
-    mask = jnp.asarray(mask)
-    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+    mask_dtype = _given_dtype(mask)
+    if not (mask_dtype == np.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
         raise TypeError(
-            f"mask dtype {mask.dtype} is not bool or an integer dtype; pass a bool mask "
+            f"mask dtype {mask_dtype.name} is not bool or an integer dtype; pass a bool mask "
             "(non-zero = real row), e.g. mask > 0.5"
         )
+    mask = jnp.asarray(mask)
     without = x.shape[:axis] + x.shape[axis + 1 :]
     with_one = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
     if mask.shape not in (without, with_one):

@@ -11,6 +11,7 @@ float64 otherwise, and the switch stays local to that layer's calls.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -25,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from maskbn_conformance.adapter import Gradients, LayerConfig, Output, ShardedGradients, Unsupported
 
 from . import serialization
-from ._core import init, masked_batch_norm
+from ._core import _validate, init, masked_batch_norm
 
 _TO_FLAX = {"gamma": "scale", "beta": "bias", "moving_mean": "mean", "moving_var": "var"}
 _FROM_FLAX = {v: k for k, v in _TO_FLAX.items()}
@@ -50,7 +51,7 @@ def _flax_available() -> bool:
     return True
 
 
-class _Base:
+class _Base(abc.ABC):
     """State handling and I/O shared by the masked and the stock layer."""
 
     def __init__(self, config: LayerConfig):
@@ -71,8 +72,10 @@ class _Base:
         return jax.enable_x64(True) if self.config.dtype == "float64" else contextlib.nullcontext()
 
     @staticmethod
-    def _array(a: np.ndarray, dtype: str):
-        return jnp.asarray(np.asarray(a), _X_DTYPES[dtype])
+    def _array(a: np.ndarray, dtype: str) -> np.ndarray:
+        # a NumPy array in the named dtype (ml_dtypes for bfloat16): the layer checks what it is
+        # given, and an int64 x stays int64 even where JAX (without x64) could not hold it
+        return np.asarray(a).astype(_X_DTYPES[dtype])
 
     @staticmethod
     def _out(a) -> Output:
@@ -80,9 +83,9 @@ class _Base:
         host = np.asarray(a.astype(jnp.float64 if name == "float64" else jnp.float32))
         return Output(value=host, dtype=name)
 
+    @abc.abstractmethod
     def _run(self, x, mask, training, params=None):
         """One jitted call: ``(y, new_state)``; ``params`` overrides the layer's (for vjp)."""
-        raise NotImplementedError
 
     def forward(self, x, x_dtype, mask, training):
         with self._x64():
@@ -120,14 +123,13 @@ class _Base:
     def round_trip(self, directory: Path):
         """Flax's msgpack (``flax.serialization``) when Flax is installed, else the npz format."""
         config = dataclasses.asdict(self.config)
+        Path(directory).mkdir(parents=True, exist_ok=True)
         with self._x64():
             if _flax_available():
-                Path(directory).mkdir(parents=True, exist_ok=True)
                 path = Path(directory) / "layer.msgpack"
                 path.write_bytes(serialization.to_bytes(self.params, self.state, config))
                 params, state, loaded = serialization.from_bytes(path.read_bytes())
             else:
-                Path(directory).mkdir(parents=True, exist_ok=True)
                 path = Path(directory) / "layer.npz"
                 serialization.save(path, self.params, self.state, config)
                 params, state, loaded = serialization.load(path)
@@ -149,8 +151,12 @@ class JaxMaskedLayer(_Base):
         }
 
     def _run(self, x, mask, training, params=None):
-        mask = None if mask is None else jnp.asarray(mask)
-        return self._fns[training](x, mask, self.params if params is None else params, self.state)
+        params = self.params if params is None else params
+        c = self.config
+        # check the inputs as given before jit canonicalizes them (int64 -> int32, float64 -> float32
+        # without x64), as an eager call of masked_batch_norm would; nothing has changed if this raises
+        _validate(x, mask, params, self.state, c.axis, c.padded_output, training)
+        return self._fns[training](x, mask, params, self.state)
 
     def export_portable(self, directory: Path) -> None:
         c = self.config

@@ -66,3 +66,15 @@ def test_good_input_passes_the_same_checks():
     # the harness of this file: with no override the call is valid
     y, _ = _call({}, traced=True)
     assert y.shape == X.shape
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [({"x": X.astype(np.int64)}, "int64"), ({"mask": BOOL_MASK.astype(np.float64)}, "float64")],
+    ids=["x-int64", "mask-float64"],
+)
+def test_errors_name_the_dtype_as_given_even_where_jax_would_narrow_it(overrides, named):
+    """Without x64, jnp.asarray turns int64/float64 NumPy arrays into int32/float32: the
+    check looks at the array as passed, so the message names what the caller gave."""
+    with pytest.raises(TypeError, match=named):
+        _call(overrides, traced=False)
