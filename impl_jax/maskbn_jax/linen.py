@@ -38,6 +38,8 @@ class MaskedBatchNorm(nn.Module):
         (``shard_map``/``pmap``) with count weights; not used while
         initializing, as in ``nn.BatchNorm``.
       padded_output: ``"normalize"`` or ``"zero"`` (padded rows of y exactly 0).
+      use_fast_variance: accepted so ``nn.BatchNorm`` arguments carry over; the
+        variance is always the accurate corrected two-pass one.
 
     As in ``nn.BatchNorm``, the moving stats are not updated during ``init``.
     """
@@ -55,6 +57,7 @@ class MaskedBatchNorm(nn.Module):
     axis_name: tp.Any = None
     axis_index_groups: tp.Any = None
     padded_output: str = "normalize"
+    use_fast_variance: bool = True
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):

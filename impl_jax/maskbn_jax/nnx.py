@@ -10,6 +10,7 @@ Same constructor arguments, variables (``scale``, ``bias`` as ``nnx.Param``;
 from __future__ import annotations
 
 import typing as tp
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,12 @@ class MaskedBatchNorm(nnx.Module):
       axis_name, axis_index_groups: merge the statistics over a mapped axis
         (``shard_map``/``pmap``) with count weights.
       padded_output: ``"normalize"`` or ``"zero"`` (padded rows of y exactly 0).
+      use_fast_variance: accepted so ``nnx.BatchNorm`` arguments carry over;
+        the variance is always the accurate corrected two-pass one.
       rngs: ``nnx.Rngs`` for the initializers; may be omitted with the default
         (constant) initializers.
+      bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables
+        (e.g. sharding), as in ``nnx.BatchNorm``.
     """
 
     def __init__(
@@ -62,7 +67,10 @@ class MaskedBatchNorm(nnx.Module):
         axis_name: tp.Any = None,
         axis_index_groups: tp.Any = None,
         padded_output: str = "normalize",
+        use_fast_variance: bool = True,
         rngs: nnx.Rngs | None = None,
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
     ):
         if padded_output not in PADDED_OUTPUTS:
             raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
@@ -75,8 +83,8 @@ class MaskedBatchNorm(nnx.Module):
             # the default initializers are constants and ignore the key
             return rngs.params() if rngs is not None else jax.random.key(0)
 
-        self.scale = nnx.Param(scale_init(key(), shape, param_dtype)) if use_scale else nnx.data(None)
-        self.bias = nnx.Param(bias_init(key(), shape, param_dtype)) if use_bias else nnx.data(None)
+        self.scale = nnx.Param(scale_init(key(), shape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
+        self.bias = nnx.Param(bias_init(key(), shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
@@ -89,6 +97,7 @@ class MaskedBatchNorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.padded_output = padded_output
+        self.use_fast_variance = use_fast_variance
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalize ``x``; in training mode update ``mean``/``var`` from the real rows.

@@ -4,6 +4,7 @@ agree with the functional core."""
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +224,25 @@ def test_nnx_needs_a_mode():
 def test_modules_are_reachable_lazily_from_the_package():
     assert maskbn_jax.nnx.MaskedBatchNorm is NnxMBN
     assert maskbn_jax.linen.MaskedBatchNorm is LinenMBN
+
+
+def _arguments(module_class) -> set[str]:
+    # nnx modules hide __init__'s signature behind their metaclass's (*args, **kwargs)
+    target = module_class.__init__ if issubclass(module_class, nnx.Module) else module_class
+    return set(inspect.signature(target).parameters) - {"self", "parent", "name"}
+
+
+@pytest.mark.parametrize(
+    ("ours", "stock", "not_taken"),
+    [
+        # Flax's dtype promotion hooks: this layer always reduces in float32 and keeps x's dtype
+        (LinenMBN, nn.BatchNorm, {"force_float32_reductions"}),
+        (NnxMBN, nnx.BatchNorm, {"promote_dtype"}),
+    ],
+    ids=["linen", "nnx"],
+)
+def test_every_flax_batchnorm_argument_carries_over(ours, stock, not_taken):
+    """Swapping the class keeps the call site valid: each constructor argument of Flax's
+    BatchNorm is accepted, except the documented ones."""
+    assert _arguments(stock) - _arguments(ours) == not_taken
+    assert _arguments(ours) - _arguments(stock) == {"padded_output"}
