@@ -870,16 +870,8 @@ class PropertyResult:
 #: kind alone must still falsify it: a strict xfail (``check_known_bugs``), so
 #: a fix shows up as a failure asking to remove the entry.
 KNOWN_BUGS: dict[tuple[str, str, str], str] = {
-    ("jax", "bad-input", "int64-x"): (
-        "maskbn_jax's adapter converts x with jnp.asarray(x, jnp.int64), which JAX without x64 silently "
-        "truncates to int32 (a UserWarning), so the layer never sees the int64 x and its TypeError names "
-        "int32; per the adapter protocol it should raise Unsupported for a dtype JAX cannot hold (or the "
-        "layer should check the dtype of the array it was given before converting it)"
-    ),
-    ("jax", "bad-input", "float64-mask"): (
-        "a float64 NumPy mask becomes float32 in jnp.asarray (JAX without x64) before the layer checks it, "
-        "so the TypeError names float32, not the float64 the caller passed (same root cause as int64 x)"
-    ),
+    # (backend, property, input kind): reason. Empty since maskbn_jax checks the
+    # dtype of the array it is given before JAX narrows int64 x / float64 masks.
 }
 
 

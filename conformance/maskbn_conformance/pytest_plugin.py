@@ -45,6 +45,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = {"backends": None, "runs": Runs(), "spec": {}}
+    if config.getoption("--backend"):
+        # load named backends before any test module is imported: a backend may
+        # need to configure its framework before anything else starts it (TF's
+        # logical devices, JAX's host device count for the sharded cases)
+        _backends(config)
 
 
 def _state(config: pytest.Config) -> dict:
