@@ -60,7 +60,7 @@ from .adapter import Backend, LayerConfig, Unsupported
 from .expectations import find
 from .harness import LoadedBackend
 from .inputs import StepInputs
-from .invariants import INVARIANTS, CheckFailed, Context, Runs, assert_close
+from .invariants import INVARIANTS, CheckFailed, Context, Runs, affine_gradients, assert_close
 from .runner import (
     AS_WRITTEN,
     Trace,
@@ -722,17 +722,9 @@ def _compare_gradients(record, aux, realf, bounds: _StepBounds, cfg, tol, label:
     dx = ref.to_rows(record.grads.x.value, cfg.axis)
     real = np.broadcast_to(realf[:, None], dx_want.shape)
     assert_close_channels(dx, dx_want, tol, e_dx, f"{label} dx, real rows", real)
-    for name, present, got, want, extra in (
-        ("gamma", cfg.scale, record.grads.gamma, dgamma, e_dgamma),
-        ("beta", cfg.center, record.grads.beta, dbeta, e_dbeta),
-    ):
-        if not present:
-            if got is not None:
-                raise CheckFailed(f"{label}: d{name} returned but the layer has no {name}")
-            continue
-        if got is None:
-            raise CheckFailed(f"{label}: no d{name} returned")
-        assert_close_channels(got, want, tol, extra, f"{label} d{name}")
+    extras = {"gamma": e_dgamma, "beta": e_dbeta}
+    for name, got, want in affine_gradients(cfg, record.grads, dgamma, dbeta, label):
+        assert_close_channels(got, want, tol, extras[name], f"{label} d{name}")
 
 
 def check_differential(loaded: LoadedBackend, example: Example, spec: Spec | None = None, report=None) -> None:

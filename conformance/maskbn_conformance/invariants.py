@@ -302,6 +302,24 @@ def _backward_steps(trace: Trace):
     return steps
 
 
+def affine_gradients(config, grads, dgamma, dbeta, label: str):
+    """(name, got, want) for each affine weight the layer has; a gradient returned
+    for a weight the config removes, or missing for one it keeps, fails."""
+    pairs = []
+    for name, present, got, want in (
+        ("gamma", config.scale, grads.gamma, dgamma),
+        ("beta", config.center, grads.beta, dbeta),
+    ):
+        if not present:
+            if got is not None:
+                raise CheckFailed(f"{label}: d{name} returned but the layer has no {name}")
+            continue
+        if got is None:
+            raise CheckFailed(f"{label}: no d{name} returned")
+        pairs.append((name, got, want))
+    return pairs
+
+
 @invariant
 def gradients_match_reference(ctx: Context) -> None:
     """d/dx, d/dgamma and d/dbeta of a loss over real rows equal the reference's."""
@@ -313,16 +331,7 @@ def gradients_match_reference(ctx: Context) -> None:
         expected = refs[record.index]
         label = f"step {record.index} (backward)"
         assert_close(record.grads.x.value, expected.dx, tol, f"{label} dx")
-        for name, present, got, want in (
-            ("gamma", config.scale, record.grads.gamma, expected.dgamma),
-            ("beta", config.center, record.grads.beta, expected.dbeta),
-        ):
-            if not present:
-                if got is not None:
-                    raise CheckFailed(f"{label}: d{name} returned but the layer has no {name}")
-                continue
-            if got is None:
-                raise CheckFailed(f"{label}: no d{name} returned")
+        for name, got, want in affine_gradients(config, record.grads, expected.dgamma, expected.dbeta, label):
             assert_close(got, want, tol, f"{label} d{name}")
 
 
