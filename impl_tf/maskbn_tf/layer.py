@@ -43,6 +43,28 @@ def _read(variable):
     return ops.convert_to_tensor(variable)
 
 
+def _in_xla() -> bool:
+    """True while tracing for XLA (`tf.function(jit_compile=True)`, or inside such a function).
+
+    Decides only how a reduction's operand is spelled, never a value: XLA:CPU hands a sum
+    whose operand ends in a select to its fast reduction kernel, and a sum of a product to
+    a reduce-window tree about twice as slow, so under XLA the masked products are summed
+    as ``where(m, a * b, 0)``; elsewhere that select would be one more pass over the tensor.
+    """
+    if keras.config.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    try:  # a private TF module: without it, the plain spelling (correct, slower under XLA)
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
+
+
 def _dims_fit(shape, expected) -> bool:
     # None (unknown while tracing) fits anything; the runtime broadcast catches the rest.
     return len(shape) == len(expected) and all(a is None or b is None or a == b for a, b in zip(shape, expected))
@@ -283,6 +305,7 @@ class MaskedBatchNormalization(keras.layers.Layer):
             else:
                 n = ops.cast(ops.sum(ops.cast(m, "int32")), cdt)
             xs = real_or(x, 0.0)
+            xla_selects = m is not None and _in_xla()
             n, total = replica_sum(n, ops.sum(xs, axis=red, keepdims=True))
             n_safe = ops.maximum(n, 1.0)
             has_rows = ops.greater(n, 0.0)
@@ -290,7 +313,11 @@ class MaskedBatchNormalization(keras.layers.Layer):
             # corrected two-pass: the centred sum corrects the rounding of the mean, so the
             # variance keeps its relative accuracy for |mean| / std up to 1e6.
             d = real_or(xs - batch_mean, 0.0)
-            sum_sq, sum_d = replica_sum(ops.sum(d * d, axis=red, keepdims=True), ops.sum(d, axis=red, keepdims=True))
+            # Under XLA, real_or(d * d, 0): the same values (d is 0 on padded rows), reduced by
+            # XLA:CPU's fast kernel instead of its reduce-window tree (see _in_xla).
+            dd = real_or(d * d, 0.0) if xla_selects else d * d
+            sum_sq = ops.sum(dd, axis=red, keepdims=True)
+            sum_sq, sum_d = replica_sum(sum_sq, ops.sum(d, axis=red, keepdims=True))
             batch_var = sum_sq / n_safe - ops.square(sum_d / n_safe)
             batch_var = ops.maximum(batch_var, 0.0)
             # The custom gradient below already accounts for the statistics' dependence on x.
@@ -359,6 +386,7 @@ class MaskedBatchNormalization(keras.layers.Layer):
             params.append(_read(self.beta))
         zero_padded = self.padded_output == "zero"
         scale, center = self.scale, self.center
+        xla_selects = m is not None and _in_xla()
 
         def real_or(a, b):
             return a if m is None else ops.where(m, a, b)
@@ -384,7 +412,9 @@ class MaskedBatchNormalization(keras.layers.Layer):
                 dy_real = real_or(dy, 0.0)
                 xhat = (real_or(x, 0.0) - mean) * r
                 s1 = ops.sum(dy_real, axis=red, keepdims=True)
-                s2 = ops.sum(dy_real * xhat, axis=red, keepdims=True)
+                # Under XLA, the same values spelled as a select (dy_real is 0 on padded rows).
+                dy_xhat = real_or(dy * xhat, 0.0) if xla_selects else dy_real * xhat
+                s2 = ops.sum(dy_xhat, axis=red, keepdims=True)
                 g = dy_real
                 if n_safe is not None:
                     # Batch statistics depend on every real row (of every replica: the sums are
