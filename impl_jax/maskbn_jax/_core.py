@@ -265,28 +265,34 @@ def _normalize_plain(cfg: _Config, xc, m, mu, r, scale, bias):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _normalize(cfg, xc, m, mu, r, scale, bias):
-    """``scale * (x - mu) * r + bias`` on every row; padded rows are constants for autodiff."""
+def _normalize(cfg, xc, m, mu, r, scale, bias, mean):
+    """``scale * (x - mu) * r + bias`` on every row; padded rows are constants for autodiff.
+
+    ``mean`` is the batch mean as ``_moments`` centred on it (``mu`` or, with no real row, unused);
+    only the backward reads it, and sends it no cotangent."""
     return _normalize_plain(cfg, xc, m, mu, r, scale, bias)
 
 
-def _normalize_fwd(cfg, xc, m, mu, r, scale, bias):
+def _normalize_fwd(cfg, xc, m, mu, r, scale, bias, mean):
     # bias is kept only to know whether it exists (its value is never needed)
-    return _normalize_plain(cfg, xc, m, mu, r, scale, bias), (xc, m, mu, r, scale, bias)
+    return _normalize_plain(cfg, xc, m, mu, r, scale, bias), (xc, m, mean, r, scale, bias)
 
 
 def _normalize_bwd(cfg: _Config, res, gy):
-    xc, m, mu, r, scale, bias = res
+    xc, m, mean, r, scale, bias = res
     g = _sel(m, gy, 0)  # padded output rows send nothing back
     s1 = jnp.sum(g, axis=cfg.axes, keepdims=True)
-    s2 = jnp.sum(g * _sel(m, xc - mu, 0), axis=cfg.axes, keepdims=True)
+    # centred on the batch mean, the very expression the forward's variance pass reduces, so XLA
+    # computes it once for both: on real rows mu == mean (a real row means n > 0), and with no real
+    # row the select is 0 everywhere whatever it subtracts
+    s2 = jnp.sum(g * _sel(m, xc - mean, 0), axis=cfg.axes, keepdims=True)
     gain = r if scale is None else r * scale
     dxc = _sel(m, g * gain, 0)
     dmu = -gain * s1
     dr = s2 if scale is None else scale * s2
     dscale = None if scale is None else r * s2
     dbias = None if bias is None else s1
-    return dxc, None, dmu, dr, dscale, dbias
+    return dxc, None, dmu, dr, dscale, dbias, None
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -299,7 +305,7 @@ def _train_custom(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
     mu = jnp.where(has, mean, _vec(moving_mean, cfg))
     r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
     per_device = functools.partial(_varying, cfg=cfg)
-    y = _normalize(cfg, xc, m, *map(per_device, (mu, r, _vec(scale, cfg), _vec(bias, cfg))))
+    y = _normalize(cfg, xc, m, *map(per_device, (mu, r, _vec(scale, cfg), _vec(bias, cfg), mean)))
     return y.astype(x.dtype), mean, var, n
 
 
