@@ -63,7 +63,6 @@ from .inputs import StepInputs
 from .invariants import INVARIANTS, CheckFailed, Context, Runs, affine_gradients, assert_close
 from .runner import (
     AS_WRITTEN,
-    Trace,
     _state_for_layer,
     expand_steps,
     initial_state,
@@ -678,17 +677,6 @@ def assert_close_channels(actual, expected, tol, extra, what: str, where=None) -
         )  # fmt: skip
 
 
-def _full_state(state: dict[str, np.ndarray], channels: int) -> dict[str, np.ndarray]:
-    full = ref.initial_state(channels)
-    full.update({k: np.asarray(v, dtype=np.float64) for k, v in state.items()})
-    return full
-
-
-def _ref_config(trace: Trace, rank: int) -> ref.RefConfig:
-    c = trace.config
-    return ref.RefConfig(c.axis % rank, c.decay, c.epsilon, c.center, c.scale, c.padded_output)
-
-
 # --------------------------------------------------------------- properties
 
 
@@ -745,9 +733,9 @@ def check_differential(loaded: LoadedBackend, example: Example, spec: Spec | Non
     for record, want in zip(trace.steps, chain):
         inputs = record.inputs
         rank = inputs.x64.ndim
-        cfg = _ref_config(trace, rank)
+        cfg = ref.RefConfig.of(trace.config, trace.config.axis % rank)
         training = record.call in ("train", "backward")
-        before = _full_state(record.state_before, channels)
+        before = ref.full_state(record.state_before, channels)
         rows = ref.to_rows(inputs.x64, cfg.axis)
         realf = inputs.real.reshape(-1)
         # expected output of this call from the layer's own state before it:

@@ -21,6 +21,12 @@ class RefConfig:
     scale: bool
     padded_output: str
 
+    @classmethod
+    def of(cls, config, axis: int) -> RefConfig:
+        """From a LayerConfig (or anything with its knobs), with the channel axis
+        already resolved to a non-negative index for the input at hand."""
+        return cls(axis, config.decay, config.epsilon, config.center, config.scale, config.padded_output)
+
 
 def to_rows(x: np.ndarray, axis: int) -> np.ndarray:
     """(..., C at axis, ...) -> (rows, C)."""
@@ -51,6 +57,14 @@ def initial_state(channels: int) -> dict[str, np.ndarray]:
         "moving_mean": np.zeros(channels),
         "moving_var": np.ones(channels),
     }
+
+
+def full_state(state: dict[str, np.ndarray], channels: int) -> dict[str, np.ndarray]:
+    """``state`` in float64 with the weights a layer lacks (center/scale off)
+    filled in as their neutral values, so forward() can always read all four."""
+    full = initial_state(channels)
+    full.update({k: np.asarray(v, dtype=np.float64) for k, v in state.items()})
+    return full
 
 
 def forward(

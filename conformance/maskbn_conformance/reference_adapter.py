@@ -61,13 +61,10 @@ class ReferenceLayer:
         return axis, mask != 0
 
     def _cfg(self, axis: int) -> ref.RefConfig:
-        c = self.config
-        return ref.RefConfig(axis, c.decay, c.epsilon, c.center, c.scale, c.padded_output)
+        return ref.RefConfig.of(self.config, axis)
 
     def _full_state(self) -> dict[str, np.ndarray]:
-        state = ref.initial_state(self.config.channels)
-        state.update({k: v.astype(np.float64) for k, v in self.state.items()})
-        return state
+        return ref.full_state(self.state, self.config.channels)
 
     def _run(self, x, x_dtype, mask, training):
         axis, real = self._check(x, x_dtype, mask)

@@ -241,14 +241,7 @@ def run_sharded(backend: Backend, case: Case, dtype: str) -> Trace:
 def run_reference(case: Case, dtype: str, trace: Trace) -> list[RefStep]:
     """The float64 oracle on exactly the inputs the backend saw."""
     config = trace.config
-    cfg = ref.RefConfig(
-        axis=normalize_axis(config.axis, config.rank),
-        decay=config.decay,
-        epsilon=config.epsilon,
-        center=config.center,
-        scale=config.scale,
-        padded_output=config.padded_output,
-    )
+    cfg = ref.RefConfig.of(config, normalize_axis(config.axis, config.rank))
     # the reference starts from the state the layer actually holds (rounded to
     # its storage dtype), so only the arithmetic is compared
     state = {k: v.astype(np.float64) for k, v in initial_state(case, config.channels).items()}
