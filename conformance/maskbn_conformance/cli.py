@@ -40,12 +40,19 @@ def _spec(args) -> Spec:
     return Spec(Path(args.spec).resolve() if args.spec else find_spec_root())
 
 
-def cmd_lint(args) -> int:
-    spec = _spec(args)
+def _linted_cases(spec: Spec):
+    """The spec's cases, or None after printing why the lint rejects them."""
     try:
-        cases = spec.cases
+        return spec.cases
     except SpecError as exc:
         print(f"spec lint failed ({spec.root}):\n{exc}", file=sys.stderr)
+        return None
+
+
+def cmd_lint(args) -> int:
+    spec = _spec(args)
+    cases = _linted_cases(spec)
+    if cases is None:
         return 1
     files = len(spec.case_files())
     print(f"spec ok: {len(cases)} cases in {files} files, {len(spec.invariants)} invariants ({spec.root})")
@@ -144,10 +151,8 @@ def _cell(counter: Counter | None) -> str:
 
 def cmd_report(args) -> int:
     spec = _spec(args)
-    try:
-        cases = spec.cases
-    except SpecError as exc:
-        print(f"spec lint failed:\n{exc}", file=sys.stderr)
+    cases = _linted_cases(spec)
+    if cases is None:
         return 1
     backends = _backends(args.backend)
     results: dict[str, dict] = {}
