@@ -243,7 +243,8 @@ def _shift(xc, m, n_local, cfg: _Config):
 
 
 def _moments(xc, m, cfg: _Config):
-    """Single pass, shifted by a real row: ``(n_local, n, shift, delta, var)`` per channel.
+    """Single pass, shifted by a real row: ``(n_local, n, shift, d, mean, delta, var)`` per
+    channel (``d`` the shifted x on real rows, ``delta = mean - shift``).
 
     With ``d = x - shift`` on real rows (exact where x and shift are within a
     factor 2 of each other, and O(std) for any real row), one fused pass
@@ -263,16 +264,20 @@ def _moments(xc, m, cfg: _Config):
     if cfg.axis_name is None:
         n, denom = n_local, jnp.maximum(nf_local, 1)
         delta = s / denom
+        mean = shift + delta
         var = q / denom - jnp.square(delta)
     else:
         n, total = _psum((n_local, nf_local * shift + s), cfg)
         denom = jnp.maximum(n.astype(cfg.compute_dtype), 1)
-        local = total / denom - shift  # the global mean, rounded, minus this device's shift
+        rounded = total / denom
+        local = rounded - shift  # the global mean, rounded, minus this device's shift
         q_all, c_all = _psum((q - 2 * local * s + nf_local * jnp.square(local), s - nf_local * local), cfg)
         residual = c_all / denom
+        # the statistics come from psums only, so they are the same (replicated) value on every device
+        mean = rounded + residual
         delta = local + residual
         var = q_all / denom - jnp.square(residual)
-    return n_local, n, shift, d, delta, jnp.maximum(var, 0)
+    return n_local, n, shift, d, mean, delta, jnp.maximum(var, 0)
 
 
 def _vec(v, cfg: _Config):
@@ -292,9 +297,8 @@ def _train(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
     autodiff's. The differentiable path only ever sees real rows (``d`` is 0 on padded rows) and
     padded output rows go through ``stop_gradient``: padded values never reach a derivative."""
     xc = x.astype(cfg.compute_dtype)
-    n_local, n, shift, d, delta, var = _moments(xc, m, cfg)
+    n_local, n, shift, d, mean, delta, var = _moments(xc, m, cfg)
     has = n > 0  # per channel; none real: normalize with the moving stats (no Python branch)
-    mean = shift + delta
     r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
     # normalized around this device's shift where it holds a real row, else around the mean used
     local = n_local > 0
