@@ -130,7 +130,8 @@ def targets_line() -> str:
         return f"ours / {SHORT[t['competitor']]} <= {t['bound']}{where}"
 
     parts = [
-        f"{MODE_LABELS[mode]}: " + ", ".join(one(t) for t in TARGETS if t["mode"] == mode) for mode in ("train", "infer")
+        f"{MODE_LABELS[mode]}: " + ", ".join(one(t) for t in TARGETS if t["mode"] == mode)
+        for mode in ("train", "infer")
     ]
     return (
         "Targets (issue 13, contract 1a), same form, every grid row: "
@@ -240,8 +241,13 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
         f"wall time {meta['elapsed_s']:.0f} s"
         + (" (**--quick**: tiny shapes, 1-2 repeats; the numbers mean nothing)" if cfg.get("quick") else "")
         + (
-            " (**reduced grid**: " + ", ".join(s["id"] for s in cfg["shapes"]) + "; " + ", ".join(cfg["dtypes"])
-            + "; padding " + ", ".join(_pad(p) for p in cfg["paddings"]) + ")"
+            " (**reduced grid**: "
+            + ", ".join(s["id"] for s in cfg["shapes"])
+            + "; "
+            + ", ".join(cfg["dtypes"])
+            + "; padding "
+            + ", ".join(_pad(p) for p in cfg["paddings"])
+            + ")"
             if cfg.get("reduced")
             else ""
         )

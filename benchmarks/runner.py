@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the headline shape, dtype and padding (every form), with up to 31 rounds: checks the targets fast",
     )
-    p.add_argument("--shapes", default=None, help="reduced grid: comma-separated shape ids (e.g. 16x4096x64,32x64x32x32)")
+    p.add_argument(
+        "--shapes", default=None, help="reduced grid: comma-separated shape ids (e.g. 16x4096x64,32x64x32x32)"
+    )
     p.add_argument("--dtypes", default=None, help="reduced grid: comma-separated dtypes (float32,bfloat16)")
     p.add_argument("--paddings", default=None, help="reduced grid: comma-separated padding fractions (e.g. 0,0.5)")
     p.add_argument(

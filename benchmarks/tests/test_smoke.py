@@ -113,7 +113,9 @@ def test_report_verdicts_from_a_synthetic_result():
         return {**base, "mode": mode, "impls": impls}
 
     results = {"torch": {"status": "ok", "rows": [row("train", 1.5, 1.0), row("infer", 1.0, 1.0)]}}
-    assert "Summary: worst same-form ratio" in markdown(results, cfg, {"date": "today", "machine": "here", "elapsed_s": 1.0})
+    assert "Summary: worst same-form ratio" in markdown(
+        results, cfg, {"date": "today", "machine": "here", "elapsed_s": 1.0}
+    )
     entries = {e["mode"]: e for e in headline(results, cfg)}
     train = entries["train"]["ratios"]
     assert train["native"]["verdict"] == "MISS" and train["native"]["ratio"] == 1.5
@@ -138,7 +140,14 @@ def test_summary_takes_the_worst_row_each_target_applies_to():
             "gather_scatter": {"median_ms": gs},
             "floor": {"median_ms": 1.0},
         }
-        return {"shape": "s", "dtype": "float32", "form": "compiled", "mode": "train", "padding": padding, "impls": impls}
+        return {
+            "shape": "s",
+            "dtype": "float32",
+            "form": "compiled",
+            "mode": "train",
+            "padding": padding,
+            "impls": impls,
+        }
 
     # the 90 % row is the worst against gather-scatter, but that target stops at 50 % padding
     rows = [row(0.0, 1.0, 1.0, 2.0), row(0.5, 1.3, 1.0, 1.2, peak_ours=1.5), row(0.9, 1.1, 1.0, 0.5)]

@@ -13,7 +13,6 @@ Naming follows Flax: ``params = {"scale", "bias"}`` (gamma, beta) and
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 

@@ -38,7 +38,9 @@ def result_dtype(*args: Any, dtype: Any = None) -> Any:
 
 def promote_dtype(args: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
     """``flax.nnx.nn.dtypes.promote_dtype``: every non-None arg cast to one dtype."""
-    to = result_dtype(*args, dtype=dtype) if inexact else (dtype or jnp.result_type(*[a for a in args if a is not None]))
+    to = (
+        result_dtype(*args, dtype=dtype) if inexact else (dtype or jnp.result_type(*[a for a in args if a is not None]))
+    )
     return tuple(None if a is None else jnp.asarray(a, to) for a in args)
 
 

@@ -128,7 +128,9 @@ class MaskedBatchNorm(nnx.Module):
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         stored = {"mean": self.mean[...], "var": self.var[...]}
-        x, mean, var, scale, bias = self.promote_dtype((x, stored["mean"], stored["var"], scale, bias), dtype=self.dtype)
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, stored["mean"], stored["var"], scale, bias), dtype=self.dtype
+        )
         out_dtype = result_dtype(x, scale, bias, dtype=self.dtype)
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         x = jnp.asarray(x)

@@ -150,9 +150,7 @@ def load_portable(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
         raise ValueError(f"{directory / 'maskbn.json'} is not a version {_PORTABLE_VERSION} {PORTABLE_FORMAT} file")
     moving_var = config.get("moving_var", "population")
     if moving_var not in _MOVING_VAR:
-        raise ValueError(
-            f"{directory / 'maskbn.json'}: moving_var must be one of {_MOVING_VAR}, got {moving_var!r}"
-        )
+        raise ValueError(f"{directory / 'maskbn.json'}: moving_var must be one of {_MOVING_VAR}, got {moving_var!r}")
     with np.load(directory / "maskbn.npz", allow_pickle=False) as saved:
         arrays = {key: saved[key] for key in saved.files}
     params, state = {}, {}

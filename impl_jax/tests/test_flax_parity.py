@@ -81,7 +81,7 @@ def test_linen_complex_input(with_mask):
         jax.random.key(3), x, mask=m
     )
     assert stock_y.dtype == jnp.complex64  # the difference is real: Flax takes it
-    with pytest.raises(TypeError, match="complex64.*real inputs only"):
+    with pytest.raises(TypeError, match=r"complex64.*real inputs only"):
         LinenBN(use_running_average=False, dtype=jnp.complex64).init_with_output(jax.random.key(3), x, mask=m)
     assert kept("complex-input")
 
@@ -156,7 +156,7 @@ def test_linen_bound_module_updates_batch_stats_like_apply():
     def f(foo, x):
         return foo.b(foo.bn(foo.a(x), use_running_average=False))
 
-    x = jnp.ones((4,)) if False else jax.random.normal(jax.random.key(0), (4, 2))
+    x = jax.random.normal(jax.random.key(0), (4, 2))
     y1, variables = nn.init_with_output(f, Foo())(jax.random.key(0), x)
     bound = Foo().bind(variables, mutable="batch_stats")
     y2 = f(bound, x)
@@ -179,25 +179,30 @@ def test_linen_dtype_arguments_mean_what_flax_means(x_dtype, dtype, param_dtype,
     v_ours, v_stock = ours.init(jax.random.key(1), x), stock.init(jax.random.key(1), x)
     as_dtypes = functools.partial(jax.tree.map, lambda a: jnp.dtype(a.dtype).name)
     assert as_dtypes(v_ours) == as_dtypes(v_stock)
-    (y_ours, upd_ours), (y_stock, upd_stock) = (
-        m.apply(v_stock, x, mutable=["batch_stats"]) for m in (ours, stock)
-    )
+    (y_ours, upd_ours), (y_stock, upd_stock) = (m.apply(v_stock, x, mutable=["batch_stats"]) for m in (ours, stock))
     assert y_ours.dtype == y_stock.dtype
-    assert as_dtypes(upd_ours) == as_dtypes(upd_stock)
+    stats_dtype = jnp.dtype(v_stock["batch_stats"]["mean"].dtype).name
+    if as_dtypes(upd_ours) != as_dtypes(upd_stock):
+        # Flax's update promotes a low-precision variable to the statistics' float32
+        assert as_dtypes(upd_ours)["batch_stats"]["mean"] == stats_dtype != as_dtypes(upd_stock)["batch_stats"]["mean"]
+        assert kept("batch-stats-dtype-drift")
     low = "bfloat16" in (x_dtype, dtype, param_dtype) or not force_float32_reductions
     tol = {"atol": 5e-2, "rtol": 5e-2} if low else {"atol": 1e-5, "rtol": 1e-5}
     np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_stock, np.float32), **tol)
-    for mode in (True,):
-        e_ours = ours.apply(upd_stock | {"params": v_stock["params"]}, x, use_running_average=mode)
-        e_stock = stock.apply(upd_stock | {"params": v_stock["params"]}, x, use_running_average=mode)
-        assert e_ours.dtype == e_stock.dtype
-        np.testing.assert_allclose(np.asarray(e_ours, np.float32), np.asarray(e_stock, np.float32), **tol)
+    # inference with the updated moving stats
+    trained = {
+        "params": v_stock["params"],
+        "batch_stats": jax.tree.map(lambda a: a.astype(stats_dtype), upd_stock["batch_stats"]),
+    }
+    e_ours, e_stock = (m(use_running_average=True, **kw).apply(trained, x) for m in (LinenBN, nn.BatchNorm))
+    assert e_ours.dtype == e_stock.dtype
+    np.testing.assert_allclose(np.asarray(e_ours, np.float32), np.asarray(e_stock, np.float32), **tol)
 
 
 def test_linen_reductions_stay_float32_without_force():
     """force_float32_reductions=False: Flax then reduces in bfloat16; this layer keeps float32
     reductions (the contract's accuracy) and only the variable dtypes follow the flag."""
-    x = (jax.random.normal(jax.random.key(0), (64, 256, 2)) * 0.01 + 300).astype(jnp.bfloat16)
+    x = (jax.random.normal(jax.random.key(0), (64, 256, 2)) * 4 + 300).astype(jnp.bfloat16)
     kw = {"use_running_average": False, "param_dtype": jnp.bfloat16, "force_float32_reductions": False, "momentum": 0.0}
     variables = nn.BatchNorm(**kw).init(jax.random.key(1), x)
     exact = np.asarray(x, np.float64).reshape(-1, 2).var(0)
@@ -272,10 +277,14 @@ CHANNEL_MASK = np.array([True, False, True, False, True])  # the stock test's (C
 def test_nnx_and_linen_agree_exactly(dtype, param_dtype, use_fast_variance, mask):
     """test_nnx_linen_batchnorm_equivalence: the nnx and linen modules give bit-identical
     outputs, params and batch stats (mask: a (C,) mask that broadcasts over the batch)."""
-    linen_out, variables, nnx_out, nnx_model = _nnx_linen_run(NnxBN, LinenBN, dtype, param_dtype, use_fast_variance, mask)
+    linen_out, variables, nnx_out, nnx_model = _nnx_linen_run(
+        NnxBN, LinenBN, dtype, param_dtype, use_fast_variance, mask
+    )
     np.testing.assert_array_equal(linen_out, nnx_out)
     for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")):
-        np.testing.assert_array_equal(variables[collection]["norm_layer"][name], getattr(nnx_model.norm_layer, name)[...])
+        np.testing.assert_array_equal(
+            variables[collection]["norm_layer"][name], getattr(nnx_model.norm_layer, name)[...]
+        )
 
 
 @NNX_LINEN_GRID

@@ -199,9 +199,7 @@ def test_gradients_match_finite_differences_in_float64(padded_output, pattern):
     assert not jax.config.jax_enable_x64
 
 
-@pytest.mark.parametrize(
-    "mask_kind", ["none", "rows", "per-channel"], ids=["no-mask", "row-mask", "per-channel-mask"]
-)
+@pytest.mark.parametrize("mask_kind", ["none", "rows", "per-channel"], ids=["no-mask", "row-mask", "per-channel-mask"])
 @pytest.mark.parametrize("padded_output", ["normalize", "zero"])
 def test_every_mode_and_order_matches_finite_differences_in_float64(mask_kind, padded_output):
     """jvp, vjp and their second order (jvp of grad = Hessian-vector products, grad of grad)
@@ -216,7 +214,11 @@ def test_every_mode_and_order_matches_finite_differences_in_float64(mask_kind, p
         }[mask_kind]
         params, state = init(2, param_dtype=jnp.float64, stats_dtype=jnp.float64)
         params = {"scale": params["scale"] * 1.3, "bias": params["bias"] + 0.2}
-        keep = (lambda y: y) if m is None else (lambda y: jnp.where(jnp.broadcast_to(m if m.ndim == 3 else m[..., None], y.shape), y, 0))
+        keep = (
+            (lambda y: y)
+            if m is None
+            else (lambda y: jnp.where(jnp.broadcast_to(m if m.ndim == 3 else m[..., None], y.shape), y, 0))
+        )
 
         def f(x, scale, bias):
             y, new = masked_batch_norm(
@@ -243,7 +245,9 @@ def test_hessian_vector_products_agree_in_every_composition(rng):
         np.testing.assert_allclose(fwd_rev, rev_rev, rtol=1e-10, atol=1e-12)
         assert np.all(np.asarray(fwd_rev)[~m] == 0)
         full = jax.hessian(f)(x).reshape(x.size, x.size)
-        np.testing.assert_allclose(full @ np.asarray(v).reshape(-1), np.asarray(fwd_rev).reshape(-1), rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(
+            full @ np.asarray(v).reshape(-1), np.asarray(fwd_rev).reshape(-1), rtol=1e-9, atol=1e-11
+        )
     assert not jax.config.jax_enable_x64
 
 
@@ -252,7 +256,7 @@ def test_forward_mode_padded_tangents_move_nothing(rng):
     x = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
     m = make_mask("random", (4, 5))
     params, state = affine(rng, 3)
-    t = jnp.where(m[..., None], 0.0, jnp.nan)
+    t = jnp.broadcast_to(jnp.where(m[..., None], 0.0, jnp.nan), x.shape)
     _, (ty, tnew) = jax.jvp(lambda x: masked_batch_norm(x, m, params, state, training=True), (x,), (t,))
     assert np.all(np.asarray(ty) == 0)
     assert all(np.all(np.asarray(v) == 0) for v in tnew.values())

@@ -42,7 +42,12 @@ LAYOUTS = {
     "flax-1-1-C": ((4, 5, 3), -1, (1, 1, 3), lambda m: np.broadcast_to(m, (4, 5, 3))),
     "flax-full": ((4, 5, 3), -1, (4, 5, 3), lambda m: m),
     # Keras: rank(x) - 1 mask over the leading axes, channel axis 1 -> varies along the channels
-    "keras-channels-first": ((4, 3, 5), 1, (4, 3), lambda m: np.moveaxis(np.broadcast_to(m[..., None], (4, 3, 5)), 1, -1)),
+    "keras-channels-first": (
+        (4, 3, 5),
+        1,
+        (4, 3),
+        lambda m: np.moveaxis(np.broadcast_to(m[..., None], (4, 3, 5)), 1, -1),
+    ),
 }
 
 
@@ -84,7 +89,9 @@ def test_a_channel_without_real_rows_keeps_its_moving_stats_and_gets_no_gradient
     assert np.all(np.asarray(dx)[~m] == 0)
     # that channel is normalized with its moving stats, as an empty mask is
     y, _ = masked_batch_norm(x, m, params, state, training=True)
-    want = (x[..., 1] - state["mean"][1]) * jax.lax.rsqrt(state["var"][1] + 1e-5) * params["scale"][1] + params["bias"][1]
+    want = (x[..., 1] - state["mean"][1]) * jax.lax.rsqrt(state["var"][1] + 1e-5) * params["scale"][1] + params["bias"][
+        1
+    ]
     np.testing.assert_allclose(y[..., 1], want, rtol=1e-6, atol=1e-6)
 
 
