@@ -63,6 +63,9 @@ class LayerConfig:
     #: the run dtype: the dtype of ``x``; the layer keeps float32 state
     #: unless this is float64
     dtype: str
+    #: what a training call stores as the batch variance: "population" (1/n) or
+    #: "unbiased" (n / max(n - 1, 1) times it, per channel: torch's convention)
+    moving_var: str = "population"
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,10 @@ class Backend(Protocol):
 
     #: short name, used in test ids (``torch``, ``tf``, ``jax``)
     name: str
+    #: the moving-variance convention of the framework's stock batch norm
+    #: ("unbiased" for torch, "population" elsewhere): parity cases run the
+    #: masked layer in it, so masked and stock layers store the same thing
+    stock_moving_var: str
 
     def layer(self, config: LayerConfig) -> Layer:
         """Build a masked batch norm layer; raise Unsupported for a dtype or

@@ -36,6 +36,9 @@ class Variant:
     eval_mask: str | None = None
     #: split the batch over the case's shards and run the synchronized layer
     sharded: bool = False
+    #: run with this moving-variance convention instead of the case's (parity
+    #: with a stock layer uses the framework's stock convention)
+    moving_var: str | None = None
 
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in self.__dict__.items() if v not in (None, False)]
@@ -79,7 +82,8 @@ class RefStep:
     dx: np.ndarray | None = None
     dgamma: np.ndarray | None = None
     dbeta: np.ndarray | None = None
-    n: int = 0
+    #: per channel: the real elements the batch statistics came from (0: moving stats used)
+    n: np.ndarray | None = None
 
 
 def expand_steps(case: Case) -> list[dict[str, Any]]:
@@ -90,7 +94,7 @@ def expand_steps(case: Case) -> list[dict[str, Any]]:
     return steps
 
 
-def layer_config(case: Case, dtype: str) -> LayerConfig:
+def layer_config(case: Case, dtype: str, variant: Variant = AS_WRITTEN) -> LayerConfig:
     x_spec = case.inputs["x"]
     shape = np.asarray(x_spec["literal"]).shape if "literal" in x_spec else tuple(x_spec["shape"])
     axis = case.param("axis")
@@ -107,6 +111,7 @@ def layer_config(case: Case, dtype: str) -> LayerConfig:
         scale=bool(case.param("scale")),
         padded_output=str(case.param("padded_output")),
         dtype=dtype,
+        moving_var=variant.moving_var or str(case.param("moving_var")),
     )
 
 
@@ -147,7 +152,7 @@ def _state_for_layer(state: dict[str, np.ndarray], config: LayerConfig) -> dict[
 
 
 def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_WRITTEN) -> Trace:
-    config = layer_config(case, dtype)
+    config = layer_config(case, dtype, variant)
     trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=variant, config=config)
     try:
         layer = backend.stock_layer(config) if variant.stock else backend.layer(config)
@@ -254,7 +259,7 @@ def run_reference(case: Case, dtype: str, trace: Trace) -> list[RefStep]:
             continue
         training = record.call in ("train", "backward")
         y, state, aux = ref.forward(record.inputs.x64, record.inputs.real, state, cfg, training)
-        refstep = RefStep(y=y, state_after=dict(state), n=int(aux["n"]))
+        refstep = RefStep(y=y, state_after=dict(state), n=aux["n"])
         if record.call == "backward":
             refstep.dx, refstep.dgamma, refstep.dbeta = ref.backward(record.inputs.dy64, aux, cfg)
         out.append(refstep)

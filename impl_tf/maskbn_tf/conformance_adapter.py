@@ -58,6 +58,11 @@ def _keras():
     return keras
 
 
+def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
+    # Keras' own default is the population variance: only the other convention is spelled out
+    return {"unbiased_moving_variance": True} if config.moving_var == "unbiased" else {}
+
+
 class TFLayer:
     """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol."""
 
@@ -140,6 +145,8 @@ def _config_of(layer, rank: int, dtype: str) -> LayerConfig:
         scale=layer.scale,
         padded_output=layer.padded_output,
         dtype=dtype,
+        # a layer from before the knob existed stores the population variance
+        moving_var="unbiased" if getattr(layer, "unbiased_moving_variance", False) else "population",
     )
 
 
@@ -218,6 +225,7 @@ class TFBackend:
     """maskbn_tf.MaskedBatchNormalization (Keras 3 on TensorFlow) for the conformance harness."""
 
     name = "tf"
+    stock_moving_var = "population"
 
     def __init__(self):
         configure_shard_devices()
@@ -244,6 +252,7 @@ class TFBackend:
             padded_output=config.padded_output,
             synchronized=synchronized,
             dtype=_POLICIES[config.dtype],
+            **_moving_var_knob(config),
         )
         return self._build(layer, config)
 

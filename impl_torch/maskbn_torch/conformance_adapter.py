@@ -164,6 +164,7 @@ def masked_module(config: LayerConfig, process_group: Any = None) -> MaskedBatch
         padded_output=config.padded_output,
         process_group=process_group,
         dtype=_layer_dtype(config),
+        unbiased_running_var=config.moving_var == "unbiased",
         **_affine(config, bias_switch=True),
     )
 
@@ -176,6 +177,7 @@ class TorchBackend:
     """maskbn_torch for the conformance harness."""
 
     name = "torch"
+    stock_moving_var = "unbiased"
 
     def layer(self, config: LayerConfig) -> TorchLayer:
         return torch_layer(masked_module(config))
@@ -206,6 +208,8 @@ class TorchBackend:
             affine=bn.affine,
             channel_axis=stock.module.axis,
             dtype=bn.running_mean.dtype,
+            # what the stock layer's running_var holds, and what it would go on storing
+            unbiased_running_var=True,
         )
         module.load_state_dict(torch.load(path, weights_only=True))
         return torch_layer(module)
