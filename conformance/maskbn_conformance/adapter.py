@@ -105,6 +105,14 @@ class Layer(Protocol):
         ``dy`` is float32 holding values exact in ``x_dtype``; convert it like x.
         The moving stats update exactly as in ``forward(..., training=True)``."""
 
+    def hvp(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray, v: np.ndarray) -> Output:
+        """Optional: a training call and its second derivative, the
+        Hessian-vector product d/dx <d/dx sum(y * dy), v>, through the
+        framework's own autodiff (double backward, nested tapes, grad of grad).
+        ``dy`` and ``v`` arrive like ``dy`` above. The moving stats update as in
+        ``forward(..., training=True)``. A layer without it lacks the method:
+        its second-order cases become visible skips."""
+
     def get_state(self) -> dict[str, np.ndarray]:
         """Current weights and moving stats under neutral names, in the dtype
         the layer stores them in (float32, or float64 for a float64 layer).

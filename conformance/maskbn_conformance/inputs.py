@@ -37,6 +37,9 @@ class StepInputs:
     #: cotangent for backward steps (zero on padded rows), as carrier and float64
     dy: np.ndarray | None
     dy64: np.ndarray | None
+    #: hvp steps: the direction v (seeded normal everywhere, padded elements too)
+    v: np.ndarray | None = None
+    v64: np.ndarray | None = None
 
 
 def normalize_axis(axis: int, rank: int) -> int:
@@ -173,6 +176,7 @@ def build_step_inputs(
     mask_dtype: str | None = None,
     backward: bool = False,
     seed_offset: int = 0,
+    direction: bool = False,
 ) -> StepInputs:
     """All arrays for one step. ``fill`` / ``mask_dtype`` override the spec
     (used by invariants that rerun a case with other padding or mask dtypes)."""
@@ -204,7 +208,12 @@ def build_step_inputs(
         g = np.where(real, g, 0.0)
         dy64 = round_to(g, dtype)
         dy = carrier(dy64, dtype)
-    return StepInputs(x64=x64, x=x_carrier, x_dtype=x_dtype, mask=mask, real=real, dy=dy, dy64=dy64)
+    v = v64 = None
+    if direction:
+        rng = np.random.default_rng(2000 + seed_offset + x_spec.get("seed", 0))
+        v64 = round_to(rng.standard_normal(x.shape), dtype)
+        v = carrier(v64, dtype)
+    return StepInputs(x64=x64, x=x_carrier, x_dtype=x_dtype, mask=mask, real=real, dy=dy, dy64=dy64, v=v, v64=v64)
 
 
 def state_value(value: Any, channels: int, seed: int) -> np.ndarray:

@@ -344,6 +344,27 @@ def gradients_match_reference(ctx: Context) -> None:
 
 
 @invariant
+def second_derivatives_match_reference(ctx: Context) -> None:
+    """The Hessian-vector product d/dx <d/dx sum(y * dy), v> of a training call
+    equals the float64 reference's, and is exactly 0 on padded elements."""
+    trace = ctx.trace()
+    refs = ctx.reference(trace)
+    steps = [r for r in trace.steps if r.hvp is not None]
+    if not steps:
+        raise CheckFailed("the case has no hvp step")
+    for record in steps:
+        got = record.hvp.value
+        label = f"step {record.index} (hvp)"
+        if record.hvp.dtype != record.inputs.x_dtype:
+            raise CheckFailed(f"{label}: the product is {record.hvp.dtype}, x was {record.inputs.x_dtype}")
+        assert_close(got, refs[record.index].hvp, ctx.tol("hvp"), f"{label} d/dx <grad, v>")
+        padded = ~_expand(record.inputs.real, got, trace)
+        if (got[padded] != 0).any():
+            index = np.unravel_index(np.flatnonzero(padded & (got != 0))[0], got.shape)
+            raise CheckFailed(f"{label}: padded element {tuple(map(int, index))} = {got[index]!r}, not 0")
+
+
+@invariant
 def padded_rows_zero_gradient(ctx: Context) -> None:
     """d loss / d x is exactly 0 on every padded position."""
     trace = ctx.trace()

@@ -79,6 +79,13 @@ class ReferenceLayer:
         )
         return Output(round_to(y, x_dtype), x_dtype), grads
 
+    def hvp(self, x, x_dtype, mask, dy, v):
+        axis, real = self._check(x, x_dtype, mask)
+        args = (x.astype(np.float64), real, self._full_state(), self._cfg(axis))
+        product = ref.hessian_vector_product(*args, dy.astype(np.float64), v.astype(np.float64))
+        self._run(x, x_dtype, mask, True)
+        return Output(round_to(product, x_dtype), x_dtype)
+
     def get_state(self):
         return {k: v.copy() for k, v in self.state.items()}
 

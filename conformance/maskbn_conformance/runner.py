@@ -57,6 +57,8 @@ class StepRecord:
     state_after: dict[str, np.ndarray]
     output: Output | None = None
     grads: Gradients | None = None
+    #: hvp steps: d/dx <d/dx sum(y * dy), v>
+    hvp: Output | None = None
     error: BaseException | None = None
     expects_error: dict[str, Any] | None = None
     #: round_trip steps: eval outputs of the layer before and after the trip
@@ -82,6 +84,7 @@ class RefStep:
     dx: np.ndarray | None = None
     dgamma: np.ndarray | None = None
     dbeta: np.ndarray | None = None
+    hvp: np.ndarray | None = None
     #: per channel: the real elements the batch statistics came from (0: moving stats used)
     n: np.ndarray | None = None
 
@@ -134,8 +137,9 @@ def step_inputs(case: Case, step: dict[str, Any], index: int, dtype: str, varian
         dtype=dtype,
         fill=variant.fill,
         mask_dtype=variant.mask_dtype,
-        backward=step["call"] == "backward",
+        backward=step["call"] in ("backward", "hvp"),
         seed_offset=index,
+        direction=step["call"] == "hvp",
     )
     if variant.eval_mask and step["call"] == "eval" and inputs.mask is not None:
         # same x (padding included), only the mask argument differs
@@ -183,6 +187,11 @@ def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_
                     record.output, record.grads = layer.forward_backward(
                         inputs.x, inputs.x_dtype, inputs.mask, inputs.dy
                     )
+                elif step["call"] == "hvp":
+                    hvp = getattr(layer, "hvp", None)
+                    if hvp is None:
+                        raise Unsupported(f"backend {backend.name} has no second derivatives (Layer.hvp)")
+                    record.hvp = hvp(inputs.x, inputs.x_dtype, inputs.mask, inputs.dy, inputs.v)
                 elif step["call"] == "round_trip":
                     record.eval_before = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
                     layer = layer.round_trip(Path(tmp) / f"step{index}")
@@ -257,10 +266,15 @@ def run_reference(case: Case, dtype: str, trace: Trace) -> list[RefStep]:
         if record.expects_error is not None or record.call == "round_trip":
             out.append(RefStep(y=None, state_after=dict(state)))
             continue
-        training = record.call in ("train", "backward")
+        training = record.call in ("train", "backward", "hvp")
+        if record.call == "hvp":
+            inputs = record.inputs
+            hvp = ref.hessian_vector_product(inputs.x64, inputs.real, state, cfg, inputs.dy64, inputs.v64)
         y, state, aux = ref.forward(record.inputs.x64, record.inputs.real, state, cfg, training)
         refstep = RefStep(y=y, state_after=dict(state), n=aux["n"])
         if record.call == "backward":
             refstep.dx, refstep.dgamma, refstep.dbeta = ref.backward(record.inputs.dy64, aux, cfg)
+        if record.call == "hvp":
+            refstep.y, refstep.hvp = None, hvp
         out.append(refstep)
     return out

@@ -291,3 +291,11 @@ class OneCountForAllChannels(ReferenceLayer):
     def _check(self, x, x_dtype, mask):
         axis, real = super()._check(x, x_dtype, mask)
         return axis, np.broadcast_to(real.any(axis=axis, keepdims=True), x.shape)
+
+
+class DetachedSecondOrder(ReferenceLayer):
+    """Double backward through a detached first gradient: the Hessian-vector product is 0."""
+
+    def hvp(self, x, x_dtype, mask, dy, v):
+        out = super().hvp(x, x_dtype, mask, dy, v)
+        return Output(np.zeros_like(out.value), x_dtype)

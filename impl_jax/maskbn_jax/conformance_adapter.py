@@ -117,6 +117,19 @@ class _Base(abc.ABC):
             )
             return self._out(y), grads
 
+    def hvp(self, x, x_dtype, mask, dy, v):
+        with self._x64():
+            x_j, dy_j, v_j = (self._array(a, x_dtype) for a in (x, dy, v))
+
+            def gradient(x_):
+                _, vjp, _ = jax.vjp(lambda a: self._run(a, mask, True), x_, has_aux=True)
+                return vjp(dy_j)[0]
+
+            # reverse over reverse: the gradient of <grad_x, v>
+            product = jax.grad(lambda x_: jnp.sum(gradient(x_) * v_j))(x_j)
+            _, self.state = self._run(x_j, mask, True)
+            return self._out(product)
+
     def get_state(self):
         merged = {**self.params, **self.state}
         return {_FROM_FLAX[k]: np.asarray(v) for k, v in merged.items()}

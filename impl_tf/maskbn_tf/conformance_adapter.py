@@ -108,6 +108,19 @@ class TFLayer:
         dgamma, dbeta = (None if w is None else np.asarray(next(grads).numpy()) for w in weights)
         return self._output(y), Gradients(x=dx, gamma=dgamma, beta=dbeta)
 
+    def hvp(self, x, x_dtype, mask, dy, v):
+        x_t = self._tensor(x, x_dtype)
+        mask_t = self._mask(mask)
+        with self._tf.GradientTape() as outer:
+            outer.watch(x_t)
+            with self._tf.GradientTape() as inner:
+                inner.watch(x_t)
+                y = self._call(x_t, mask_t, True)
+            grad = inner.gradient(y, x_t, output_gradients=self._tensor(dy, x_dtype))
+        product = outer.gradient(grad, x_t, output_gradients=self._tensor(v, x_dtype))
+        # None: the first gradient does not depend on x at all (detached); report it as the zeros it means
+        return self._output(self._tf.zeros_like(x_t) if product is None else product)
+
     def get_state(self):
         state = {}
         for neutral, name in _WEIGHT_NAMES.items():

@@ -122,6 +122,16 @@ class TorchLayer:
         )
         return _output(y), grads
 
+    def hvp(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray, v: np.ndarray) -> Output:
+        self.module.train(True)
+        dtype = _torch_dtype(x_dtype)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(dtype).requires_grad_(True)
+        y = self._call(xt, mask)
+        # double backward: the first gradient keeps its graph, the second differentiates it along v
+        (grad,) = torch.autograd.grad(y, xt, torch.from_numpy(np.ascontiguousarray(dy)).to(dtype), create_graph=True)
+        (product,) = torch.autograd.grad(grad, xt, torch.from_numpy(np.ascontiguousarray(v)).to(dtype))
+        return _output(product)
+
     def get_state(self) -> dict[str, np.ndarray]:
         state = {}
         for neutral, name in _STATE_NAMES.items():
