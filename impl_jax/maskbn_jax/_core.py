@@ -241,6 +241,36 @@ def _shift(xc, m, n_local, cfg: _Config):
     return jax.lax.stop_gradient(jnp.where(n_local > 0, shift, 0))
 
 
+def _two_prod(a, b):
+    """``(p, e)`` with ``p + e == a * b`` exactly (Dekker's split; per-channel vectors only)."""
+    split = 4097.0 if a.dtype.itemsize <= 4 else 134217729.0  # 2**12 + 1, 2**27 + 1
+
+    def halves(v):
+        t = split * v
+        hi = t - (t - v)
+        return hi, v - hi
+
+    p = a * b
+    (ah, al), (bh, bl) = halves(a), halves(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _exact_quotient_and_residual(s, n):
+    """``s / n`` as ``q + r / n`` with ``r = s - q * n`` computed exactly: the quotient's rounding
+    (an ulp of |mean - shift|, not of the mean) is not lost."""
+    q = s / n
+    p, e = _two_prod(q, n)
+    return q, ((s - p) - e) / n
+
+
+def _add_compensated(a, b, c):
+    """``a + b + c`` with the rounding of ``a + b`` kept (Knuth's TwoSum), for |c| << |a + b|."""
+    total = a + b
+    bb = total - a
+    low = (a - (total - bb)) + (b - bb)
+    return total + (low + c)
+
+
 def _moments(xc, m, cfg: _Config):
     """Single pass, shifted by a real row: ``(n_local, n, shift, d, mean, delta, var)`` per
     channel (``d`` the shifted x on real rows, ``delta = mean - shift``).
@@ -262,15 +292,17 @@ def _moments(xc, m, cfg: _Config):
     nf_local = n_local.astype(cfg.compute_dtype)
     if cfg.axis_name is None:
         n, denom = n_local, jnp.maximum(nf_local, 1)
-        delta = s / denom
-        mean = shift + delta
+        delta, delta_low = _exact_quotient_and_residual(s, denom)
+        mean = _add_compensated(shift, delta, delta_low)
         var = q / denom - jnp.square(delta)
     else:
         n, total = _psum((n_local, nf_local * shift + s), cfg)
         denom = jnp.maximum(n.astype(cfg.compute_dtype), 1)
         rounded = total / denom
         local = rounded - shift  # the global mean, rounded, minus this device's shift
-        q_all, c_all = _psum((q - 2 * local * s + nf_local * jnp.square(local), s - nf_local * local), cfg)
+        # s - n * local with the product exact: the residual then corrects the mean to the sums' accuracy
+        prod, prod_low = _two_prod(nf_local, local)
+        q_all, c_all = _psum((q - 2 * local * s + nf_local * jnp.square(local), (s - prod) - prod_low), cfg)
         residual = c_all / denom
         # the statistics come from psums only, so they are the same (replicated) value on every device
         mean = rounded + residual
