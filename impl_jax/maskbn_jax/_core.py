@@ -224,7 +224,7 @@ def _count(x, m, cfg: _Config):
 
 def _shift(xc, m, n_local, cfg: _Config):
     """Per channel, the value of the first real position of x (0 where there is none): the
-    shift of the single-pass moments. A constant for autodiff (the moments do not depend on it)."""
+    shift of the first pass of :func:`_moments`. A constant for autodiff (the moments do not depend on it)."""
     if m is None:
         first = tuple(slice(None) if a == cfg.axis else slice(0, 1) for a in range(xc.ndim))
         return jax.lax.stop_gradient(xc[first])
@@ -241,74 +241,41 @@ def _shift(xc, m, n_local, cfg: _Config):
     return jax.lax.stop_gradient(jnp.where(n_local > 0, shift, 0))
 
 
-def _two_prod(a, b):
-    """``(p, e)`` with ``p + e == a * b`` exactly (Dekker's split; per-channel vectors only)."""
-    split = 4097.0 if a.dtype.itemsize <= 4 else 134217729.0  # 2**12 + 1, 2**27 + 1
-
-    def halves(v):
-        t = split * v
-        hi = t - (t - v)
-        return hi, v - hi
-
-    p = a * b
-    (ah, al), (bh, bl) = halves(a), halves(b)
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
-
-
-def _exact_quotient_and_residual(s, n):
-    """``s / n`` as ``q + r / n`` with ``r = s - q * n`` computed exactly: the quotient's rounding
-    (an ulp of |mean - shift|, not of the mean) is not lost."""
-    q = s / n
-    p, e = _two_prod(q, n)
-    return q, ((s - p) - e) / n
-
-
-def _add_compensated(a, b, c):
-    """``a + b + c`` with the rounding of ``a + b`` kept (Knuth's TwoSum), for |c| << |a + b|."""
-    total = a + b
-    bb = total - a
-    low = (a - (total - bb)) + (b - bb)
-    return total + (low + c)
-
-
 def _moments(xc, m, cfg: _Config):
-    """Single pass, shifted by a real row: ``(n_local, n, shift, d, mean, delta, var)`` per
-    channel (``d`` the shifted x on real rows, ``delta = mean - shift``).
+    """Shifted by a real row, then re-centred: ``(n, centre, e, mean, delta, var)`` per channel
+    (``centre`` the re-centring point, ``e = x - centre`` on real rows and 0 on padded ones,
+    ``delta = mean - centre``).
 
-    With ``d = x - shift`` on real rows (exact where x and shift are within a
-    factor 2 of each other, and O(std) for any real row), one fused pass
-    reduces ``sum d`` and ``sum d^2``; the batch mean is ``shift + delta``,
-    ``delta = sum d / n`` being small and accurate, and the variance
-    ``sum d^2 / n - delta^2`` loses only ``((shift - mean) / std)^2`` ulps.
-    Under ``axis_name``, per-device (n, sum x, sums around the device's shift)
-    are merged by ``psum`` with count weights and re-centred on the global mean
-    (Chan et al.), whose residual sum corrects the mean itself.
+    Pass 1 reduces ``sum(x - shift)`` with ``shift`` a real row's value, so
+    ``x - shift`` is of the size of the spread even for |mean| >> std, giving
+    ``centre = shift + sum(x - shift) / n``. That sum's rounding grows with
+    |shift - mean|, so pass 2 re-centres: ``e = x - centre`` is of the size of
+    the spread around ~the mean, one fused reduction gives ``sum e`` and
+    ``sum e^2``, and ``mean = centre + sum e / n``, ``var = sum e^2 / n -
+    (sum e / n)^2`` keep the error of the mean at the spread's rounding (as
+    two-pass) and the variance's relative accuracy at |mean| / std of 1e6.
+    ``centre`` is a constant for autodiff: both moments are exact identities in
+    it. Under ``axis_name`` the centre comes from psums of (n, n * shift +
+    sum(x - shift)) and pass 2's sums are psummed, so every device holds the
+    same statistics.
     """
     n_local = _count(xc, m, cfg)
     shift = _shift(xc, m, n_local, cfg)
-    d = _sel(m, xc - shift, 0)
-    s = jnp.sum(d, axis=cfg.axes, keepdims=True)
-    q = jnp.sum(d * d, axis=cfg.axes, keepdims=True)
     nf_local = n_local.astype(cfg.compute_dtype)
+    s = jnp.sum(_sel(m, xc - shift, 0), axis=cfg.axes, keepdims=True)
     if cfg.axis_name is None:
-        n, denom = n_local, jnp.maximum(nf_local, 1)
-        delta, delta_low = _exact_quotient_and_residual(s, denom)
-        mean = _add_compensated(shift, delta, delta_low)
-        var = q / denom - jnp.square(delta)
+        n = n_local
+        centre = shift + s / jnp.maximum(nf_local, 1)
     else:
         n, total = _psum((n_local, nf_local * shift + s), cfg)
-        denom = jnp.maximum(n.astype(cfg.compute_dtype), 1)
-        rounded = total / denom
-        local = rounded - shift  # the global mean, rounded, minus this device's shift
-        # s - n * local with the product exact: the residual then corrects the mean to the sums' accuracy
-        prod, prod_low = _two_prod(nf_local, local)
-        q_all, c_all = _psum((q - 2 * local * s + nf_local * jnp.square(local), (s - prod) - prod_low), cfg)
-        residual = c_all / denom
-        # the statistics come from psums only, so they are the same (replicated) value on every device
-        mean = rounded + residual
-        delta = local + residual
-        var = q_all / denom - jnp.square(residual)
-    return n_local, n, shift, d, mean, delta, jnp.maximum(var, 0)
+        centre = total / jnp.maximum(n.astype(cfg.compute_dtype), 1)
+    centre = jax.lax.stop_gradient(centre)
+    e = _sel(m, xc - centre, 0)
+    s1, s2 = _psum((jnp.sum(e, axis=cfg.axes, keepdims=True), jnp.sum(e * e, axis=cfg.axes, keepdims=True)), cfg)
+    denom = jnp.maximum(n.astype(cfg.compute_dtype), 1)
+    delta = s1 / denom
+    var = s2 / denom - jnp.square(delta)
+    return n, centre, e, centre + delta, delta, jnp.maximum(var, 0)
 
 
 def _vec(v, cfg: _Config):
@@ -325,22 +292,21 @@ def _gain_offset(r, scale, bias, centre):
 
 def _train(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
     """The training forward; plain JAX, so every derivative (reverse, forward, higher order) is
-    autodiff's. The differentiable path only ever sees real rows (``d`` is 0 on padded rows) and
+    autodiff's. The differentiable path only ever sees real rows (``e`` is 0 on padded rows) and
     padded output rows go through ``stop_gradient``: padded values never reach a derivative."""
     xc = x.astype(cfg.compute_dtype)
-    n_local, n, shift, d, mean, delta, var = _moments(xc, m, cfg)
+    n, centre, e, mean, delta, var = _moments(xc, m, cfg)
     has = n > 0  # per channel; none real: normalize with the moving stats (no Python branch)
     r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
-    # normalized around this device's shift where it holds a real row, else around the mean used
-    local = n_local > 0
-    centre = jnp.where(local, jax.lax.stop_gradient(shift), jnp.where(has, mean, _vec(moving_mean, cfg)))
-    gain, offset = _gain_offset(r, _vec(scale, cfg), _vec(bias, cfg), jnp.where(local, delta, 0))
-    real = d * gain + offset
+    # real rows: (x - mean) * gain + bias as (e - delta) * gain + bias; delta is 0 where has is False
+    gain, offset = _gain_offset(r, _vec(scale, cfg), _vec(bias, cfg), delta)
+    real = e * gain + offset
     if m is None:
         y = real
     elif cfg.zero_padded:
         y = jnp.where(m, real, 0)
     else:
+        centre = jnp.where(has, centre, _vec(moving_mean, cfg))
         y = jnp.where(m, real, jax.lax.stop_gradient((xc - centre) * gain + offset))
     return y, mean, var, n
 
@@ -437,8 +403,9 @@ def masked_batch_norm(
     Returns:
       ``(y, new_state)``: the moving stats keep the dtype of ``state``.
       Statistics and the normalization are computed in float32 (float64 if
-      ``x`` or the state is float64), in one pass over x shifted by a real row
-      (accurate for |mean| / std up to 1e6 and beyond).
+      ``x`` or the state is float64), shifted by a real row, then re-centred on
+      the shifted mean in a second pass (accurate for |mean| / std up to 1e6
+      and beyond, and as accurate as two-pass for a mean near 0).
 
     Every derivative is autodiff's (``grad``, ``jvp``, ``hessian``, ...).
     Padded output rows are constants for autodiff: ``d y / d x`` is exactly 0
