@@ -12,7 +12,8 @@ The layer (`maskbn_tf.layer`) does the bookkeeping: validation, variables, updat
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 from keras import ops
