@@ -355,8 +355,9 @@ class MaskedBatchNormalization(keras.layers.Layer):
             var,
             params,
             count=count,
-            centered=moments.centered,
-            centered_real=moments.centered_real,
+            # constants to the custom gradient, which accounts for x itself
+            centered=ops.stop_gradient(moments.centered),
+            centered_real=ops.stop_gradient(moments.centered_real),
             renorm=renorm,
             replica_sum=replica_sum,
             **normalize,

@@ -75,6 +75,49 @@ def broadcast_mask(mask, x_shape, axis: int):
     return mask
 
 
+def _in_xla() -> bool:
+    """True while TensorFlow traces for XLA (`tf.function(jit_compile=True)`, or inside one)."""
+    if keras.config.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    try:  # a private TF module: without it, the blocked sum below (accurate, slower under XLA)
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
+
+
+# rows per block of `channel_sum`'s outer reduction
+SUM_BLOCK = 2048
+
+
+def channel_sum(t, axis: int):
+    """Sum of t over every axis but ``axis`` (kept as size 1), accurate for millions of rows.
+
+    A plain reduction over the outer axes adds each column's values one after another
+    (TensorFlow/Eigen, XLA:CPU): a relative error of ~sqrt(n) ulps, 3e-5 at 2.6e5 rows.
+    Here the inner axes (contiguous, reduced as a tree) go first, then the outer rows in
+    blocks of SUM_BLOCK (a prefix slice on dim 0 aliases, so this reads t once). Under
+    XLA the sum runs in float64 instead, which XLA fuses into the same single read.
+    """
+    rank = len(t.shape)
+    red = tuple(i for i in range(rank) if i != axis)
+    if _in_xla() and keras.backend.standardize_dtype(t.dtype) == "float32":
+        return ops.cast(ops.sum(ops.cast(t, "float64"), axis=red, keepdims=True), t.dtype)
+    shape = ops.shape(t)
+    channels = t.shape[axis]
+    bshape = [channels if i == axis else 1 for i in range(rank)]
+    rows = ops.sum(ops.reshape(t, (_prod(shape[:axis]), channels, _prod(shape[axis + 1 :]))), axis=2)
+    blocks = ops.shape(rows)[0] // SUM_BLOCK
+    split = blocks * SUM_BLOCK
+    head = ops.sum(ops.sum(ops.reshape(rows[:split], (blocks, SUM_BLOCK, channels)), axis=1), axis=0)
+    return ops.reshape(head + ops.sum(rows[split:], axis=0), bshape)
+
+
 def _prod(values):
     out = 1
     for v in values:
@@ -153,7 +196,6 @@ def masked_moments(x, mask, axis: int, fallback_shift, replica_sum: ReplicaSum =
     variance 0 (their count is 0: callers select their fallback statistics).
     """
     dtype = x.dtype
-    red = tuple(i for i in range(len(x.shape)) if i != axis)
     count = ops.cast(real_count(mask, x, axis), dtype)
     shift = first_real_value(x, mask, axis, fallback_shift)
     if replica_sum is not local_sum:
@@ -162,8 +204,8 @@ def masked_moments(x, mask, axis: int, fallback_shift, replica_sum: ReplicaSum =
         shift = ops.where(ops.greater(replicas_with_rows, 0), shift_sum / ops.maximum(replicas_with_rows, 1.0), shift)
     centered = x - shift
     centered_real = centered if mask is None else ops.where(mask, centered, 0.0)
-    sum_d = ops.sum(centered_real, axis=red, keepdims=True)
-    sum_dd = ops.sum(ops.square(centered_real), axis=red, keepdims=True)
+    sum_d = channel_sum(centered_real, axis)
+    sum_dd = channel_sum(ops.square(centered_real), axis)
     count, sum_d, sum_dd = replica_sum(count * ops.ones_like(shift), sum_d, sum_dd)
     n_safe = ops.maximum(count, 1.0)
     delta = sum_d / n_safe
@@ -288,9 +330,9 @@ def masked_normalize(
             # centred values that are 0 there, so NaN/Inf garbage cannot reach any product.
             dy_real = real_or(dy, 0.0)
             c_real = real_or(centered, 0.0) if centered_real is None else centered_real
-            s1 = ops.sum(dy_real, axis=red, keepdims=True)
+            s1 = channel_sum(dy_real, axis)
             # sum(dy * xhat) = (sum(dy * c) - delta * sum(dy)) * rsqrt
-            s2 = (ops.sum(dy_real * c_real, axis=red, keepdims=True) - delta * s1) * rsqrt
+            s2 = (channel_sum(dy_real * c_real, axis) - delta * s1) * rsqrt
             if training:
                 # Batch statistics depend on every real position (of every replica). A channel
                 # without any has dy_real, s1 and s2 all 0 there: its gradient is all zeros.

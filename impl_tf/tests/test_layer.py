@@ -187,6 +187,7 @@ def test_unknown_padded_output_raises():
         MaskedBatchNormalization(padded_output="drop")
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="synchronized=True needs the TensorFlow backend")
 def test_synchronized_outside_a_strategy_is_the_local_layer(padded_batch):
     x, mask = padded_batch
     synced, local = MaskedBatchNormalization(synchronized=True), MaskedBatchNormalization()
