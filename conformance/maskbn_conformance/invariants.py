@@ -8,6 +8,7 @@ keep the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,22 +41,28 @@ class Runs:
     #: run one after another, and a case at scale holds arrays of hundreds of MB
     KEEP_GROUPS = 2
 
+    @staticmethod
+    def _group(key: tuple) -> tuple:
+        return (*key[:3], key[3].form)
+
     def _evict(self, group: tuple) -> None:
-        groups = list(dict.fromkeys(k[:3] for k in self._traces))
+        groups = list(dict.fromkeys(self._group(k) for k in self._traces))
         if group in groups:
             return
         for old in groups[: max(len(groups) - self.KEEP_GROUPS + 1, 0)]:
             for store in (self._traces, self._refs):
-                for key in [k for k in store if k[:3] == old]:
+                for key in [k for k in store if self._group(k) == old]:
                     del store[key]
 
     def trace(self, backend: Backend, case: Case, dtype: str, variant: Variant) -> Trace:
         key = (backend.name, case.id, dtype, variant)
         if key not in self._traces:
-            self._evict(key[:3])
+            self._evict(self._group(key))
             try:
                 run = (
-                    run_sharded(backend, case, dtype) if variant.sharded else run_backend(backend, case, dtype, variant)
+                    run_sharded(backend, case, dtype, variant)
+                    if variant.sharded
+                    else run_backend(backend, case, dtype, variant)
                 )
                 self._traces[key] = run
             except Exception as exc:
@@ -82,9 +89,15 @@ class Context:
     args: dict[str, Any] = field(default_factory=dict)
     #: tolerance override from the backend's expectations file
     tolerance_override: dict[str, float] | None = None
+    #: the backend form every run of this check uses (None: the default)
+    form: str | None = None
+
+    def variant(self, variant: Variant = AS_WRITTEN) -> Variant:
+        """``variant`` in this check's form."""
+        return dataclasses.replace(variant, form=self.form)
 
     def trace(self, variant: Variant = AS_WRITTEN, allow_errors: bool = False) -> Trace:
-        trace = self.runs.trace(self.backend, self.case, self.dtype, variant)
+        trace = self.runs.trace(self.backend, self.case, self.dtype, self.variant(variant))
         if allow_errors:
             return trace
         if trace.build_error is not None:
@@ -573,7 +586,7 @@ def _trained_layer(ctx: Context, layer):
     for index, step in enumerate(expand_raw_steps(ctx.case)):
         if step[1]["call"] != "train":
             continue
-        last = step_inputs(ctx.case, step[1], index, ctx.dtype, AS_WRITTEN)
+        last = step_inputs(ctx.case, step[1], index, ctx.dtype, ctx.variant())
         layer.forward(last.x, last.x_dtype, last.mask, training=True)
     if last is None:
         raise CheckFailed("the case has no train step to build state with")
@@ -583,7 +596,7 @@ def _trained_layer(ctx: Context, layer):
 def layer_config_of(ctx: Context, variant: Variant = AS_WRITTEN):
     from .runner import layer_config
 
-    return layer_config(ctx.case, ctx.dtype, variant)
+    return layer_config(ctx.case, ctx.dtype, ctx.variant(variant))
 
 
 def _optional(backend, method: str):

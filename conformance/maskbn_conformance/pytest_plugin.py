@@ -18,7 +18,7 @@ from .harness import (
     Check,
     CrossCheck,
     LoadedBackend,
-    checks_for,
+    backend_checks,
     cross_checks,
     installed_backends,
     load_backend,
@@ -100,7 +100,7 @@ class SpecFile(pytest.File):
         for loaded in _backends(self.config):
             if loaded.backend is None:
                 continue  # reported by <backend>-installed
-            for check in checks_for(spec, loaded.name, cases):
+            for check in backend_checks(spec, loaded, cases):
                 yield CheckItem.from_parent(self, name=check.id, check=check, loaded=loaded, spec=spec)
 
 
@@ -188,7 +188,7 @@ class ExpectationsUsedItem(pytest.Item):
         self.spec = spec
 
     def runtest(self) -> None:
-        dead = unused_expectations(self.loaded, checks_for(self.spec, self.loaded.name))
+        dead = unused_expectations(self.loaded, backend_checks(self.spec, self.loaded))
         if dead:
             lines = "\n".join(f"  {e.label()}: {e.reason}" for e in dead)
             pytest.fail(

@@ -324,3 +324,14 @@ class NaiveFloat32Mean(ReferenceLayer):
             y, _, aux = ref.forward(x.astype(np.float64), real, shifted, cfg, False)
         self.state = {k: new_state[k].astype(self._store) for k in self.state}
         return axis, y, aux
+
+
+class CompiledFormOffByOne(ReferenceBackend):
+    """Right in its default form, wrong (outputs +1e-2) in its second, "compiled" form:
+    the form axis must show that on its own ids."""
+
+    name = "broken-CompiledFormOffByOne"
+    forms = ("eager", "compiled")
+
+    def layer(self, config):
+        return OffsetOutput(config) if config.form == "compiled" else ReferenceLayer(config)
