@@ -75,8 +75,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests asking for ``maskbn_backend`` (a LoadedBackend) run once per selected,
     loadable backend, with the backend's name as id (``test_x[torch]``)."""
     if "maskbn_backend" in metafunc.fixturenames:
-        usable = [b for b in _backends(metafunc.config) if b.backend is not None]
+        usable = usable_backends(metafunc.config)
         metafunc.parametrize("maskbn_backend", usable, ids=[b.name for b in usable])
+
+
+def usable_backends(config: pytest.Config) -> list[LoadedBackend]:
+    """The selected backends that loaded."""
+    return [b for b in _backends(config) if b.backend is not None]
 
 
 def _is_spec_root(folder: Path) -> bool:
