@@ -8,10 +8,12 @@
 
 from . import functional
 from .functional import masked_batch_norm
+from .errors import ChannelMismatchError
 from .modules import MaskedBatchNorm, convert_batchnorm
 from .portable import load_portable, save_portable
 
 __all__ = [
+    "ChannelMismatchError",
     "MaskedBatchNorm",
     "convert_batchnorm",
     "functional",

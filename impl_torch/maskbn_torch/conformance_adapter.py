@@ -164,6 +164,8 @@ def masked_module(config: LayerConfig, process_group: Any = None) -> MaskedBatch
         padded_output=config.padded_output,
         process_group=process_group,
         dtype=_layer_dtype(config),
+        # the spec's population convention (MaskedBatchNorm defaults to torch's unbiased one)
+        unbiased_running_var=False,
         **_affine(config, bias_switch=True),
     )
 
