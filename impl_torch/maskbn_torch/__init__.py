@@ -7,8 +7,8 @@
 """
 
 from . import functional
-from .functional import masked_batch_norm
 from .errors import ChannelMismatchError
+from .functional import masked_batch_norm
 from .modules import MaskedBatchNorm, convert_batchnorm
 from .portable import load_portable, save_portable
 

@@ -211,7 +211,7 @@ def test_portable_file_with_an_unknown_moving_var_is_refused(tmp_path):
     config = json.loads((tmp_path / "maskbn.json").read_text())
     config["moving_var"] = "sample"
     (tmp_path / "maskbn.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="moving_var must be one of .* got 'sample'"):
+    with pytest.raises(ValueError, match=r"moving_var must be one of .* got 'sample'"):
         load_portable(tmp_path)
 
 
