@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ChannelMismatchError
-from .functional import PADDED_OUTPUTS, _prepare_mask, _resolve_channel_axis, masked_batch_norm
+from .functional import PADDED_OUTPUTS, _prepare_mask, _resolve_channel_axis, dtype_name, masked_batch_norm
 
 __all__ = ["MaskedBatchNorm", "convert_batchnorm"]
 
@@ -199,7 +199,7 @@ class MaskedBatchNorm(nn.Module):
         stock batch norm) so the autograd graph through the layer stays connected.
         """
         if not x.is_floating_point():
-            raise TypeError(f"x must have a floating dtype, got dtype {str(x.dtype).removeprefix('torch.')}")
+            raise TypeError(f"x must have a floating dtype, got dtype {dtype_name(x.dtype)}")
         axis = _resolve_channel_axis(x, self.channel_axis)
         _prepare_mask(mask, x, axis)  # the same mask rules as a non-empty x
         stat_shape = tuple(self.num_features if i == axis else 1 for i in range(x.dim()))
