@@ -7,11 +7,13 @@
 """
 
 from . import functional
+from .errors import ChannelMismatchError
 from .functional import masked_batch_norm
 from .modules import MaskedBatchNorm, convert_batchnorm
 from .portable import load_portable, save_portable
 
 __all__ = [
+    "ChannelMismatchError",
     "MaskedBatchNorm",
     "convert_batchnorm",
     "functional",
