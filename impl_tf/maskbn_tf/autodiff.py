@@ -46,6 +46,9 @@ def training_vjp(layer, x, dy, **call_kwargs):
 
         x = x.detach().requires_grad_(True)
         y = layer(x, training=True, **call_kwargs)
-        grads = torch.autograd.grad(y, [x, *(w.value for w in weights)], grad_outputs=dy.to(y.dtype))
-        return y.detach(), grads[0], list(grads[1:])
+        sources = [x, *(w.value for w in weights)]
+        # allow_unused: a zero-size batch uses no weight; its gradient is the zeros it means
+        grads = torch.autograd.grad(y, sources, grad_outputs=dy.to(y.dtype), allow_unused=True)
+        grads = [torch.zeros_like(s) if g is None else g for g, s in zip(grads, sources)]
+        return y.detach(), grads[0], grads[1:]
     raise NotImplementedError(f"no autodiff recipe for Keras backend {backend!r}")

@@ -105,7 +105,9 @@ class TFLayer:
 
     def _tensor(self, array: np.ndarray, dtype: str):
         ops = self._keras.ops
-        return ops.cast(ops.convert_to_tensor(np.asarray(array)), dtype)
+        array = np.asarray(array)
+        # the array's own dtype first: Keras' torch backend would otherwise read float64 as floatx
+        return ops.cast(ops.convert_to_tensor(array, dtype=array.dtype.name), dtype)
 
     def _mask(self, mask: np.ndarray | None):
         # keeps the NumPy dtype (bool, int8, uint8, int32, int64, or float on purpose)
@@ -304,7 +306,20 @@ class TFBackend:
         layer.build(tuple(shape))
         return TFLayer(layer, config)
 
+    def _check_dtype(self, config: LayerConfig) -> None:
+        backend = self._keras.config.backend()
+        if config.dtype == "float64" and backend == "jax":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                raise Unsupported("JAX without jax_enable_x64 has no float64: Keras-JAX computes it in float32")
+        if config.dtype == "float64" and backend == "torch":
+            # measured: a float64 keras.layers.BatchNormalization on Keras-torch is 1e-6 off a
+            # float64 reference, ours 4e-8: not float64 precision, so these cases cannot hold there
+            raise Unsupported("Keras' torch backend does not reach float64 precision (stock BN: 1e-6 off)")
+
     def layer(self, config: LayerConfig, synchronized: bool = False) -> TFLayer:
+        self._check_dtype(config)
         from maskbn_tf import MaskedBatchNormalization
 
         layer = MaskedBatchNormalization(
@@ -359,6 +374,7 @@ class TFBackend:
         return masked
 
     def stock_layer(self, config: LayerConfig) -> TFLayer:
+        self._check_dtype(config)
         layer = self._keras.layers.BatchNormalization(
             axis=config.axis,
             momentum=config.decay,
