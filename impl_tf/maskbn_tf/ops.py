@@ -193,11 +193,13 @@ class Moments(NamedTuple):
 def masked_moments(x, mask, axis: int, fallback_shift, replica_sum: ReplicaSum = local_sum) -> Moments:
     """Masked per-channel moments of x (float32 or float64), accurate at scale.
 
-    One pass over x shifted by a real value s of each channel: with d = x - s on
-    the real positions, mean = s + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2.
-    Since s is a value of the data, d is of the size of the spread, not of |mean|:
-    the mean is within about an ulp of the exact one and the variance keeps its
-    relative accuracy at |mean| / std of 1e6 (interface decision 5). ``replica_sum``
+    Shifted by a real value s of each channel (a value of the data, so x - s is of
+    the size of the spread, not of |mean|): pass 1 gives m1 = s + sum(x - s)/n; pass 2,
+    with d = x - m1 on the real positions, gives mean = m1 + sum(d)/n and
+    var = sum(d^2)/n - (sum(d)/n)^2. The mean is within about an ulp of the exact one
+    and the variance keeps its relative accuracy at |mean| / std of 1e6 and millions
+    of rows (interface decision 5); the second pass keeps the error of the mean at the
+    size of the spread's rounding even when s is far from the mean. ``replica_sum``
     sums over the replicas that share the statistics; they share one shift, the mean
     of the replicas' shifts (replicas without any real position leave it out).
     Channels without any real position get ``fallback_shift`` as shift, delta 0 and
@@ -210,11 +212,19 @@ def masked_moments(x, mask, axis: int, fallback_shift, replica_sum: ReplicaSum =
         has = ops.cast(ops.greater(count, 0), dtype) * ops.ones_like(shift)
         replicas_with_rows, shift_sum = replica_sum(has, ops.where(ops.greater(has, 0), shift, 0.0))
         shift = ops.where(ops.greater(replicas_with_rows, 0), shift_sum / ops.maximum(replicas_with_rows, 1.0), shift)
+    # pass 1: the mean about the shift; its error scales with |shift - mean|, so pass 2
+    # re-centres on it and corrects both moments by its (small) residual
+    count = replica_sum(count * ops.ones_like(shift))[0] if replica_sum is not local_sum else count
+    first = x - shift
+    first = first if mask is None else ops.where(mask, first, 0.0)
+    (sum_first,) = replica_sum(channel_sum(first, axis))
+    shift = shift + sum_first / ops.maximum(count, 1.0)
     centered = x - shift
     centered_real = centered if mask is None else ops.where(mask, centered, 0.0)
     sum_d = channel_sum(centered_real, axis)
     sum_dd = channel_sum(ops.square(centered_real), axis)
-    count, sum_d, sum_dd = replica_sum(count * ops.ones_like(shift), sum_d, sum_dd)
+    sum_d, sum_dd = replica_sum(sum_d, sum_dd)
+    count = count * ops.ones_like(shift)
     n_safe = ops.maximum(count, 1.0)
     delta = sum_d / n_safe
     variance = ops.maximum(sum_dd / n_safe - ops.square(delta), 0.0)
