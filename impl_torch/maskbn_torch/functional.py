@@ -184,13 +184,16 @@ def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int) -> Te
     """The inverse of :func:`_real_rows`: ``rows`` at the real positions of a tensor like ``like``, 0 elsewhere."""
     if m is None:
         return rows.view(like.movedim(axis, -1).shape).movedim(-1, axis)
-    out = torch.zeros_like(like, dtype=rows.dtype)
     real = m.squeeze(axis)
+    out = torch.empty_like(like, dtype=rows.dtype)
     out_rows = _rows_2d(out.movedim(axis, -1))
-    if out_rows is not None:
-        out_rows.index_copy_(0, real.reshape(-1).nonzero().squeeze(1), rows)
-    else:
-        out.movedim(axis, -1)[real] = rows
+    if out_rows is None:
+        out.zero_().movedim(axis, -1)[real] = rows
+        return out
+    # each row written once: the real ones copied, the padded ones zeroed
+    flat = real.reshape(-1)
+    out_rows.index_copy_(0, flat.nonzero().squeeze(1), rows)
+    out_rows.index_fill_(0, flat.logical_not().nonzero().squeeze(1), 0.0)
     return out
 
 
@@ -209,7 +212,8 @@ def _row_moments(
     mean1 = rows.sum(0) / denom
     d = rows.sub_(mean1) if owned else rows - mean1
     shift = d.sum(0) / denom
-    var = ((d * d).sum(0) / denom - shift.square()).clamp_(min=0)
+    sum_d2 = d.square_().sum(0)  # d is a fresh buffer either way
+    var = (sum_d2 / denom - shift.square()).clamp_(min=0)
     return count, (mean1 + shift).reshape(stat_shape), var.reshape(stat_shape)
 
 
