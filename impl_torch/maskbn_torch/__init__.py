@@ -10,12 +10,16 @@ from . import functional
 from .functional import masked_batch_norm
 from .modules import MaskedBatchNorm, convert_batchnorm
 from .portable import load_portable, save_portable
+from .scope import bind_mask_scope, checkpoint_context_fn, mask_scope
 
 __all__ = [
     "MaskedBatchNorm",
+    "bind_mask_scope",
+    "checkpoint_context_fn",
     "convert_batchnorm",
     "functional",
     "load_portable",
+    "mask_scope",
     "masked_batch_norm",
     "save_portable",
 ]
