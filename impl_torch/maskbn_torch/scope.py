@@ -8,7 +8,8 @@ PyTorch has no mask propagation: inside an ``nn.Sequential`` or an existing mode
 
 Every ``MaskedBatchNorm`` called inside the ``with`` block without an explicit mask takes
 the scoped mask that fits its input. The scope lives in a :mod:`contextvars` variable, so
-threads and asyncio tasks each see their own masks.
+threads and asyncio tasks each see their own masks (a new thread starts outside every
+scope; an asyncio task starts in the scopes active where it was created).
 
 Rules (tested in ``impl_torch/tests/test_scope.py``):
 
@@ -243,6 +244,8 @@ def scoped_mask(layer: nn.Module, x: Tensor, channel_axis: int) -> Tensor | None
     if torch.compiler.is_compiling():
         # checkpointing is traced into the compiled graph, masks included: nothing to track
         return _choose(layer, x, channel_axis, stack) if stack else None
+    if not stack and not _TOOK_SCOPED_MASK:
+        return None  # no scope, none used since the last unscoped forwards: nothing to check
     in_backward = torch._C._current_graph_task_id() != -1
     if not stack:
         if in_backward and _TOOK_SCOPED_MASK.get(layer, False):
