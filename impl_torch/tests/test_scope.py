@@ -90,7 +90,9 @@ def batch(step: int, dtype=torch.float32):
     gen = torch.Generator().manual_seed(10 + step)
     masks = masks_of(LENGTHS[step])
     points = torch.randn(B, 3, N, generator=gen, dtype=dtype) * 2 + 1
-    points = torch.where(masks[0][:, None, :], points, 1e3)  # garbage padding: it must never count
+    # padded by repeating a cloud's first point, as PointNet pipelines do (the max-pool ignores
+    # duplicates); only the masks keep the duplicates out of the statistics
+    points = torch.where(masks[0][:, None, :], points, points[:, :, :1])
     dy = torch.randn(B, 3, generator=gen, dtype=dtype)
     return points, masks, dy
 
