@@ -44,7 +44,8 @@ Rules (tested in ``impl_torch/tests/test_scope.py``):
   checkpointing ``bind_mask_scope(fn)`` (either mode); on CPU, calling ``backward()``
   inside the ``with`` block also works. A recomputation that finds no scope while the
   layer's forward took a scoped mask raises a ``RuntimeError`` instead of silently
-  using no mask.
+  using no mask. Compiled, the checkpointed region is traced with its masks as graph
+  inputs and needs none of this.
 """
 
 from __future__ import annotations

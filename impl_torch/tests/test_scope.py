@@ -415,6 +415,22 @@ def test_checkpoint_recompute_outside_the_scope_raises(use_reentrant):
         y.backward(dy)
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_compiled_checkpoint_carries_the_masks_into_backward(use_reentrant):
+    torch._dynamo.reset()
+    counters.clear()
+    scoped, explicit = converted_pair()
+    counter = CompileCounterWithBackend("aot_eager")
+    run = torch.compile(checkpointed(scoped, scoped.features, use_reentrant=use_reentrant), backend=counter)
+    for step in range(len(LENGTHS)):
+        points, masks, dy = batch(step)
+        # compiled, the region updates the running stats once: as the model without checkpointing
+        want = record(explicit, by_hand(explicit, masks), points, dy)
+        assert_same(record(scoped, in_scope(run, masks), points, dy), want, exact=False)
+    assert counter.frame_count == 1
+    assert not counters["graph_break"]
+
+
 def test_checkpoint_recompute_of_a_later_unscoped_forward_runs_unmasked():
     scoped, explicit = converted_pair()
     points, masks, dy = batch(0)
