@@ -53,8 +53,8 @@ from __future__ import annotations
 import contextvars
 import functools
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -148,14 +148,19 @@ class mask_scope(AbstractContextManager):  # lower case: used like a function, a
         return f"mask_scope({', '.join(f'<mask {_shape(m)}>' for m in self.masks)})"
 
 
-@contextmanager
-def _restored(stack: Stack) -> Iterator[None]:
-    """Run with exactly ``stack`` as the active scopes."""
-    token = _SCOPES.set(stack)
-    try:
-        yield
-    finally:
-        _SCOPES.reset(token)
+class _RestoredScopes(AbstractContextManager):
+    """Run with exactly ``stack`` as the active scopes; re-enterable, since a checkpoint
+    recomputes once per backward (``retain_graph=True``)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self._tokens: list[contextvars.Token[Stack]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_SCOPES.set(self.stack))
+
+    def __exit__(self, *exc: object) -> None:
+        _SCOPES.reset(self._tokens.pop())
 
 
 def checkpoint_context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
@@ -166,7 +171,7 @@ def checkpoint_context_fn() -> tuple[AbstractContextManager, AbstractContextMana
 
         checkpoint(block, h, use_reentrant=False, context_fn=checkpoint_context_fn)
     """
-    return nullcontext(), _restored(_active_stack())
+    return nullcontext(), _RestoredScopes(_active_stack())
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -184,7 +189,7 @@ def bind_mask_scope(fn: F) -> F:
 
     @functools.wraps(fn)
     def bound(*args: Any, **kwargs: Any) -> Any:
-        with _restored(stack):
+        with _RestoredScopes(stack):
             return fn(*args, **kwargs)
 
     return bound  # type: ignore[return-value]

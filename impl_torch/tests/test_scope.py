@@ -405,6 +405,23 @@ def test_checkpoint_recompute_sees_the_scoped_masks(use_reentrant, how):
     assert_same(got, want)
 
 
+def test_checkpoint_context_recomputes_with_the_masks_on_every_backward():
+    scoped, explicit = converted_pair()
+    points, masks, dy = batch(0)
+
+    def twice(run):
+        def backward_twice(p):
+            y = run(p)
+            y.backward(dy, retain_graph=True)  # the second backward (in record) recomputes again
+            return y
+
+        return backward_twice
+
+    want = record(explicit, twice(explicit_checkpointed(explicit, masks, use_reentrant=False)), points, dy)
+    run = checkpointed(scoped, scoped.features, use_reentrant=False, context_fn=checkpoint_context_fn)
+    assert_same(record(scoped, twice(in_scope(run, masks)), points, dy), want)
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpoint_recompute_outside_the_scope_raises(use_reentrant):
     model, _ = converted_pair()
