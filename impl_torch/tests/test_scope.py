@@ -232,6 +232,16 @@ def test_mask_fits(mask_shape, x_shape, channel_axis, fits):
     assert mask_fits(torch.Size(mask_shape), torch.Size(x_shape), channel_axis) is fits
 
 
+def test_a_broadcast_item_mask_serves_every_length():
+    layer = MaskedBatchNorm(3, track_running_stats=False)
+    items = torch.tensor([True, False, True, True])[:, None, None]  # (B, 1, 1): whole clouds
+    for length in (N, N // 2):
+        x = torch.randn(B, 3, length)
+        with mask_scope(items):
+            y = layer(x)
+        torch.testing.assert_close(y, layer(x, items.expand(B, 1, length)), rtol=0, atol=0)
+
+
 # -- nesting -----------------------------------------------------------------------------------
 
 
