@@ -178,8 +178,8 @@ def assert_same_state(after: dict, before: dict, label: str) -> None:
 
 
 def _expand(real: np.ndarray, like: np.ndarray, trace: Trace) -> np.ndarray:
-    axis = trace.config.axis % like.ndim
-    return np.broadcast_to(np.expand_dims(real, axis), like.shape)
+    """The real elements (already x's shape) as a selector for ``like``."""
+    return np.broadcast_to(real, like.shape)
 
 
 def _output_steps(trace: Trace):
@@ -232,7 +232,8 @@ def moving_stats_match_reference(ctx: Context) -> None:
 
 @invariant
 def real_rows_match_standalone_bn(ctx: Context) -> None:
-    """Real output rows equal textbook batch norm run on the real rows alone."""
+    """Real output rows equal textbook batch norm run on the real rows alone
+    (per channel, over that channel's real elements)."""
     trace = ctx.trace()
     config = trace.config
     checked = 0
@@ -240,14 +241,20 @@ def real_rows_match_standalone_bn(ctx: Context) -> None:
         if record.call not in ("train", "backward") or not record.inputs.real.any():
             continue
         axis = config.axis % record.inputs.x64.ndim
-        real = record.inputs.real.reshape(-1)
-        real_x = ref.to_rows(record.inputs.x64, axis)[real]
+        real = ref.to_rows(record.inputs.real, axis)
+        rows, got = ref.to_rows(record.inputs.x64, axis), ref.to_rows(record.output.value, axis)
         state = record.state_before
         gamma = state["gamma"].astype(np.float64) if config.scale else np.ones(config.channels)
         beta = state["beta"].astype(np.float64) if config.center else np.zeros(config.channels)
-        expected = ref.standalone_batch_norm(real_x, gamma, beta, config.epsilon)
-        got = ref.to_rows(record.output.value, axis)[real]
-        assert_close(got, expected, ctx.tol("output"), f"step {record.index} ({record.call}) real rows of y")
+        for c in np.flatnonzero(real.any(axis=0)):
+            column = real[:, c]
+            expected = ref.standalone_batch_norm(
+                rows[column, c : c + 1], gamma[c : c + 1], beta[c : c + 1], config.epsilon
+            )
+            assert_close(
+                got[column, c : c + 1], expected, ctx.tol("output"),
+                f"step {record.index} ({record.call}) real rows of y, channel {c}",
+            )  # fmt: skip
         checked += 1
     if not checked:
         raise CheckFailed("no training step with a real row: this invariant has nothing to check here")
@@ -334,6 +341,27 @@ def gradients_match_reference(ctx: Context) -> None:
         assert_close(record.grads.x.value, expected.dx, tol, f"{label} dx")
         for name, got, want in affine_gradients(config, record.grads, expected.dgamma, expected.dbeta, label):
             assert_close(got, want, tol, f"{label} d{name}")
+
+
+@invariant
+def second_derivatives_match_reference(ctx: Context) -> None:
+    """The Hessian-vector product d/dx <d/dx sum(y * dy), v> of a training call
+    equals the float64 reference's, and is exactly 0 on padded elements."""
+    trace = ctx.trace()
+    refs = ctx.reference(trace)
+    steps = [r for r in trace.steps if r.hvp is not None]
+    if not steps:
+        raise CheckFailed("the case has no hvp step")
+    for record in steps:
+        got = record.hvp.value
+        label = f"step {record.index} (hvp)"
+        if record.hvp.dtype != record.inputs.x_dtype:
+            raise CheckFailed(f"{label}: the product is {record.hvp.dtype}, x was {record.inputs.x_dtype}")
+        assert_close(got, refs[record.index].hvp, ctx.tol("hvp"), f"{label} d/dx <grad, v>")
+        padded = ~_expand(record.inputs.real, got, trace)
+        if (got[padded] != 0).any():
+            index = np.unravel_index(np.flatnonzero(padded & (got != 0))[0], got.shape)
+            raise CheckFailed(f"{label}: padded element {tuple(map(int, index))} = {got[index]!r}, not 0")
 
 
 @invariant
@@ -432,21 +460,27 @@ def all_true_mask_equals_no_mask(ctx: Context) -> None:
     )  # fmt: skip
 
 
+def _stock_pair(ctx: Context, name: str) -> tuple[Trace, Trace]:
+    """The masked layer and the stock one, both in the framework's stock
+    moving-variance convention (the masked layer has it as a knob)."""
+    convention = ctx.backend.stock_moving_var
+    base = ctx.trace(Variant(moving_var=convention))
+    _require_all_real(base, name)
+    return base, ctx.trace(Variant(stock=True, moving_var=convention))
+
+
 @invariant
 def matches_stock_batch_norm(ctx: Context) -> None:
     """Without padding, training outputs, gradients and moving mean equal the framework's stock BN."""
-    base = ctx.trace()
-    _require_all_real(base, "matches_stock_batch_norm")
-    stock = ctx.trace(Variant(stock=True))
+    base, stock = _stock_pair(ctx, "matches_stock_batch_norm")
     _assert_runs_close(ctx, base, stock, "stock BN vs masked", ("train", "backward"), ("moving_mean",))
 
 
 @invariant
 def matches_stock_moving_var(ctx: Context) -> None:
-    """Without padding, moving variance and eval outputs equal the framework's stock BN."""
-    base = ctx.trace()
-    _require_all_real(base, "matches_stock_moving_var")
-    stock = ctx.trace(Variant(stock=True))
+    """Without padding, moving variance and eval outputs equal the framework's stock BN
+    (in its convention: the masked layer set to it)."""
+    base, stock = _stock_pair(ctx, "matches_stock_moving_var")
     _assert_runs_close(ctx, base, stock, "stock BN vs masked", ("train", "eval", "backward"), ("moving_var",))
 
 
@@ -532,10 +566,10 @@ def _trained_layer(ctx: Context, layer):
     return layer, last
 
 
-def layer_config_of(ctx: Context):
+def layer_config_of(ctx: Context, variant: Variant = AS_WRITTEN):
     from .runner import layer_config
 
-    return layer_config(ctx.case, ctx.dtype)
+    return layer_config(ctx.case, ctx.dtype, variant)
 
 
 def _optional(backend, method: str):
@@ -556,6 +590,13 @@ def _assert_same_layer(ctx: Context, a, b, inputs, label: str, exact: bool) -> N
         assert_identical(yb, ya, f"{label}: eval y")
     else:
         assert_close(yb, ya, ctx.tol("output"), f"{label}: eval y")
+    # one more training call on both: the loaded layer must have kept the
+    # moving-variance convention (and decay), not only the numbers
+    a.forward(inputs.x, inputs.x_dtype, inputs.mask, training=True)
+    b.forward(inputs.x, inputs.x_dtype, inputs.mask, training=True)
+    state_a, state_b = a.get_state(), b.get_state()
+    for key in ("moving_mean", "moving_var"):
+        assert_close(state_b[key], state_a[key], ctx.tol("stats"), f"{label}: {key} after one more training call")
 
 
 @invariant
@@ -572,7 +613,7 @@ def portable_round_trip(ctx: Context) -> None:
 @invariant
 def loads_stock_checkpoint(ctx: Context) -> None:
     """A trained stock batch norm's usual checkpoint loads into the masked layer: same state, same eval outputs."""
-    config = layer_config_of(ctx)
+    config = layer_config_of(ctx, Variant(moving_var=ctx.backend.stock_moving_var))
     stock, inputs = _trained_layer(ctx, ctx.backend.stock_layer(config))
     if inputs.mask is not None:
         raise CheckFailed("loads_stock_checkpoint needs a case without a mask (the stock layer takes none)")

@@ -58,6 +58,11 @@ def _keras():
     return keras
 
 
+def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
+    # Keras' own default is the population variance: only the other convention is spelled out
+    return {"unbiased_moving_variance": True} if config.moving_var == "unbiased" else {}
+
+
 class TFLayer:
     """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol."""
 
@@ -103,6 +108,19 @@ class TFLayer:
         dgamma, dbeta = (None if w is None else np.asarray(next(grads).numpy()) for w in weights)
         return self._output(y), Gradients(x=dx, gamma=dgamma, beta=dbeta)
 
+    def hvp(self, x, x_dtype, mask, dy, v):
+        x_t = self._tensor(x, x_dtype)
+        mask_t = self._mask(mask)
+        with self._tf.GradientTape() as outer:
+            outer.watch(x_t)
+            with self._tf.GradientTape() as inner:
+                inner.watch(x_t)
+                y = self._call(x_t, mask_t, True)
+            grad = inner.gradient(y, x_t, output_gradients=self._tensor(dy, x_dtype))
+        product = outer.gradient(grad, x_t, output_gradients=self._tensor(v, x_dtype))
+        # None: the first gradient does not depend on x at all (detached); report it as the zeros it means
+        return self._output(self._tf.zeros_like(x_t) if product is None else product)
+
     def get_state(self):
         state = {}
         for neutral, name in _WEIGHT_NAMES.items():
@@ -140,6 +158,8 @@ def _config_of(layer, rank: int, dtype: str) -> LayerConfig:
         scale=layer.scale,
         padded_output=layer.padded_output,
         dtype=dtype,
+        # a layer from before the knob existed stores the population variance
+        moving_var="unbiased" if getattr(layer, "unbiased_moving_variance", False) else "population",
     )
 
 
@@ -218,6 +238,7 @@ class TFBackend:
     """maskbn_tf.MaskedBatchNormalization (Keras 3 on TensorFlow) for the conformance harness."""
 
     name = "tf"
+    stock_moving_var = "population"
 
     def __init__(self):
         configure_shard_devices()
@@ -244,6 +265,7 @@ class TFBackend:
             padded_output=config.padded_output,
             synchronized=synchronized,
             dtype=_POLICIES[config.dtype],
+            **_moving_var_knob(config),
         )
         return self._build(layer, config)
 

@@ -122,6 +122,16 @@ class TorchLayer:
         )
         return _output(y), grads
 
+    def hvp(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray, v: np.ndarray) -> Output:
+        self.module.train(True)
+        dtype = _torch_dtype(x_dtype)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(dtype).requires_grad_(True)
+        y = self._call(xt, mask)
+        # double backward: the first gradient keeps its graph, the second differentiates it along v
+        (grad,) = torch.autograd.grad(y, xt, torch.from_numpy(np.ascontiguousarray(dy)).to(dtype), create_graph=True)
+        (product,) = torch.autograd.grad(grad, xt, torch.from_numpy(np.ascontiguousarray(v)).to(dtype))
+        return _output(product)
+
     def get_state(self) -> dict[str, np.ndarray]:
         state = {}
         for neutral, name in _STATE_NAMES.items():
@@ -164,6 +174,7 @@ def masked_module(config: LayerConfig, process_group: Any = None) -> MaskedBatch
         padded_output=config.padded_output,
         process_group=process_group,
         dtype=_layer_dtype(config),
+        unbiased_running_var=config.moving_var == "unbiased",
         **_affine(config, bias_switch=True),
     )
 
@@ -176,6 +187,7 @@ class TorchBackend:
     """maskbn_torch for the conformance harness."""
 
     name = "torch"
+    stock_moving_var = "unbiased"
 
     def layer(self, config: LayerConfig) -> TorchLayer:
         return torch_layer(masked_module(config))
@@ -206,6 +218,8 @@ class TorchBackend:
             affine=bn.affine,
             channel_axis=stock.module.axis,
             dtype=bn.running_mean.dtype,
+            # what the stock layer's running_var holds, and what it would go on storing
+            unbiased_running_var=True,
         )
         module.load_state_dict(torch.load(path, weights_only=True))
         return torch_layer(module)
