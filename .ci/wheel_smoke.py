@@ -4,7 +4,7 @@ Run from outside the source tree, in an env where the wheels (not the tree) are
 installed. For each distribution it checks the wheel's contents (the licence,
 py.typed, the metadata licence expression), then runs the README example of each
 framework in a fresh interpreter and checks that the package it imported came
-from site-packages, not from the source tree.
+from the env's site-packages, not from the source tree.
 
     python wheel_smoke.py DIST_DIR REPO_ROOT
     python wheel_smoke.py --dry-run DIST_DIR
@@ -34,12 +34,14 @@ DISTRIBUTIONS = {
 
 RUN_EXAMPLE = """
 import sys
+import sysconfig
 from pathlib import Path
 import {module}
 from maskbn_conformance.readme import readme_example
 root = Path(sys.argv[1]).resolve()
 where = Path({module}.__file__).resolve()
-assert root not in where.parents, f"{module} was imported from the source tree: {{where}}"
+installed = Path(sysconfig.get_paths()["purelib"]).resolve()
+assert installed in where.parents, f"{module} was not imported from the installed wheel: {{where}}"
 exec(compile(readme_example(sys.argv[2], root / "README.md"), "README.md example " + sys.argv[2], "exec"), {{}})
 print(f"README example {{sys.argv[2]}} ran with {module} from {{where.parent}}")
 """

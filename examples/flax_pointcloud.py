@@ -21,6 +21,10 @@ from pointclouds import NUM_CLASSES, bucketed_batches, eval_batches, make_clouds
 
 import maskbn_jax.linen
 
+# A few hundred training steps: the moving stats must follow the weights, so both
+# layers decay at 0.9 (torch's default) instead of Flax's 0.99
+MOMENTUM = 0.9
+
 
 class PointClassifier(nn.Module):
     """Per-point MLP with batch norm, masked max pooling over the real points, linear classifier."""
@@ -34,9 +38,9 @@ class PointClassifier(nn.Module):
         for _ in range(2):
             h = nn.Dense(self.width)(h)
             if self.masked:
-                h = maskbn_jax.linen.MaskedBatchNorm(use_running_average=not train)(h, mask=mask)
+                h = maskbn_jax.linen.MaskedBatchNorm(use_running_average=not train, momentum=MOMENTUM)(h, mask=mask)
             else:
-                h = nn.BatchNorm(use_running_average=not train)(h)
+                h = nn.BatchNorm(use_running_average=not train, momentum=MOMENTUM)(h)
             h = nn.relu(h)
         pooled = jnp.max(jnp.where(mask[..., None], h, -jnp.inf), axis=1)
         return nn.Dense(NUM_CLASSES)(pooled)

@@ -19,6 +19,10 @@ from pointclouds import FEATURES, MAX_POINTS, NUM_CLASSES, bucketed_batches, eva
 
 from maskbn_tf import MaskedBatchNormalization
 
+# A few hundred training steps: the moving stats must follow the weights, so both
+# layers decay at 0.9 (torch's default) instead of Keras' 0.99
+MOMENTUM = 0.9
+
 
 def point_classifier(masked: bool, width: int = 64) -> keras.Model:
     """Per-point MLP with batch norm, masked max pooling over the real points, linear classifier."""
@@ -27,7 +31,10 @@ def point_classifier(masked: bool, width: int = 64) -> keras.Model:
     h = points
     for _ in range(2):
         h = keras.layers.Dense(width)(h)
-        h = MaskedBatchNormalization()(h, mask=mask) if masked else keras.layers.BatchNormalization()(h)
+        if masked:
+            h = MaskedBatchNormalization(momentum=MOMENTUM)(h, mask=mask)
+        else:
+            h = keras.layers.BatchNormalization(momentum=MOMENTUM)(h)
         h = keras.layers.ReLU()(h)
     pooled = keras.layers.Lambda(
         lambda args: ops.max(ops.where(args[1][..., None], args[0], -np.inf), axis=1), output_shape=(width,)
