@@ -30,6 +30,7 @@ from .harness import (
     unused_expectations,
 )
 from .invariants import Runs
+from .progress import Progress
 from .spec import Spec, SpecError, find_spec_root
 
 STATUSES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
@@ -70,13 +71,17 @@ def _run_backend(spec: Spec, loaded: LoadedBackend, cases, verbose: bool) -> dic
     runs = Runs()
     columns: dict[str, dict[str, Counter]] = {loaded.name: {}}
     problems: list[str] = []
-    for check in backend_checks(spec, loaded, cases):
+    checks = list(backend_checks(spec, loaded, cases))
+    progress = Progress(f"{loaded.name} spec checks", len(checks))
+    for check in checks:
         outcome = run_check(check, loaded, spec, runs)
+        progress.advance(check.case.id)
         columns.setdefault(check.column, {}).setdefault(check.case.id, Counter())[outcome.status] += 1
         if outcome.status in _BAD or (verbose and outcome.status != "passed"):
             problems.append(f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  "))
         elif outcome.status in ("skipped", "xfailed"):
             problems.append(f"{outcome.status} {check.id}: {outcome.message.splitlines()[0][:200]}")
+    progress.finish()
     per_case = columns[loaded.name]
     for entry in unused_expectations(loaded, backend_checks(spec, loaded)):
         problems.append(f"FAILED {loaded.name}-expectations-all-used: {entry.label()} matches no test")
@@ -117,9 +122,12 @@ def _fuzz_backend(loaded: LoadedBackend, spec: Spec, examples: int, long_run_ste
             )
             result.failure = result.failure or "error"
 
+    progress = Progress(f"{loaded.name} fuzz properties", len(fuzz.CHECKS))
     for prop in fuzz.CHECKS:
         result = fuzz.PropertyResult(loaded.name, prop)
         attempt(result, lambda prop=prop, result=result: fuzz.run_property(prop, loaded, hyp_settings, spec, result))
+        progress.advance(str(prop))
+    progress.finish()
     known: list = []
     try:
         with hypothesis.reporting.with_reporter(lambda _message: None):
