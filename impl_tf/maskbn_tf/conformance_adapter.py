@@ -63,16 +63,37 @@ def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
     return {"unbiased_moving_variance": True} if config.moving_var == "unbiased" else {}
 
 
+#: the forms the adapter runs a layer in: eager (default), tf.function, tf.function(jit_compile=True)
+FORMS = ("eager", "function", "xla")
+
+
 class TFLayer:
-    """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol."""
+    """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol.
+
+    In the ``function`` and ``xla`` forms each call (forward, or forward and
+    backward together, as a training step runs) is one tf.function, traced per
+    input signature like a user's train step."""
 
     def __init__(self, layer, config: LayerConfig):
         import tensorflow as tf
 
+        form = config.form or FORMS[0]
+        if form not in FORMS:
+            raise Unsupported(f"the tf backend runs a layer in the forms {FORMS}, not {form!r}")
         self._tf = tf
         self._keras = _keras()
         self.layer = layer
         self.config = config
+        self._graphs: dict = {}
+
+    def _in_form(self, name: str, fn):
+        """``fn`` as the form runs it: itself (eager), or a tf.function kept per name."""
+        form = self.config.form or FORMS[0]
+        if form == "eager":
+            return fn
+        if name not in self._graphs:
+            self._graphs[name] = self._tf.function(fn, jit_compile=form == "xla", reduce_retracing=False)
+        return self._graphs[name]
 
     def _tensor(self, array: np.ndarray, dtype: str):
         return self._tf.cast(self._tf.constant(np.asarray(array)), dtype)
@@ -92,21 +113,32 @@ class TFLayer:
         return self.layer(x, training=training, mask=mask)
 
     def forward(self, x, x_dtype, mask, training):
-        return self._output(self._call(self._tensor(x, x_dtype), self._mask(mask), training))
-
-    def forward_backward(self, x, x_dtype, mask, dy):
-        x_t = self._tensor(x, x_dtype)
         mask_t = self._mask(mask)
-        weights = [self.layer.gamma if self.config.scale else None, self.layer.beta if self.config.center else None]
+        if mask_t is None:
+            call = self._in_form(f"forward-{training}", lambda x_: self._call(x_, None, training))
+            return self._output(call(self._tensor(x, x_dtype)))
+        call = self._in_form(f"forward-{training}-masked", lambda x_, m: self._call(x_, m, training))
+        return self._output(call(self._tensor(x, x_dtype), mask_t))
+
+    def _step(self, x_t, dy_t, mask_t):
+        weights = [w for w in (self.layer.gamma, self.layer.beta) if w is not None]
         with self._tf.GradientTape() as tape:
             tape.watch(x_t)
             y = self._call(x_t, mask_t, True)
         # the vector-Jacobian product with dy is the gradient of sum(y * dy)
-        sources = [x_t] + [w for w in weights if w is not None]
-        grads = iter(tape.gradient(y, sources, output_gradients=self._tensor(dy, x_dtype)))
-        dx = self._output(next(grads))
-        dgamma, dbeta = (None if w is None else np.asarray(next(grads).numpy()) for w in weights)
-        return self._output(y), Gradients(x=dx, gamma=dgamma, beta=dbeta)
+        return (y, *tape.gradient(y, [x_t, *weights], output_gradients=dy_t))
+
+    def forward_backward(self, x, x_dtype, mask, dy):
+        args = [self._tensor(x, x_dtype), self._tensor(dy, x_dtype)]
+        mask_t = self._mask(mask)
+        if mask_t is None:
+            y, dx, *weight_grads = self._in_form("step", lambda x_, dy_: self._step(x_, dy_, None))(*args)
+        else:
+            y, dx, *weight_grads = self._in_form("step-masked", self._step)(*args, mask_t)
+        grads = iter(weight_grads)
+        dgamma = np.asarray(next(grads).numpy()) if self.config.scale else None
+        dbeta = np.asarray(next(grads).numpy()) if self.config.center else None
+        return self._output(y), Gradients(x=self._output(dx), gamma=dgamma, beta=dbeta)
 
     def hvp(self, x, x_dtype, mask, dy, v):
         x_t = self._tensor(x, x_dtype)
@@ -139,7 +171,7 @@ class TFLayer:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "layer.keras"
         self._keras.saving.save_model(self.layer, path)
-        return TFLayer(self._keras.saving.load_model(path), self.config)
+        return TFLayer(self._keras.saving.load_model(path), self.config)  # same form
 
     def export_portable(self, directory: Path) -> None:
         from maskbn_tf import save_portable
@@ -239,6 +271,7 @@ class TFBackend:
 
     name = "tf"
     stock_moving_var = "population"
+    forms = FORMS
 
     def __init__(self):
         configure_shard_devices()

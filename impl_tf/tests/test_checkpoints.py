@@ -17,8 +17,18 @@ def _trained(layer, x, mask=None):
 
 @pytest.mark.parametrize(
     "knobs",
-    [{}, dict(axis=1, center=False, padded_output="zero", epsilon=0.01, momentum=0.5), dict(dtype="float64")],
-    ids=["defaults", "channels-first-no-beta-zero-padding", "float64"],
+    [
+        {},
+        dict(axis=1, center=False, padded_output="zero", epsilon=0.01, momentum=0.5),
+        pytest.param(
+            dict(dtype="float64"),
+            marks=pytest.mark.skipif(
+                keras.config.backend() == "jax", reason="JAX without jax_enable_x64 has no float64 variables"
+            ),
+        ),
+        dict(unbiased_moving_variance=True),
+    ],
+    ids=["defaults", "channels-first-no-beta-zero-padding", "float64", "unbiased-moving-variance"],
 )
 def test_portable_round_trip_keeps_every_bit(knobs, tmp_path, rng):
     x = rng.normal(2.0, 3.0, size=(4, 5, 6))
@@ -27,6 +37,7 @@ def test_portable_round_trip_keeps_every_bit(knobs, tmp_path, rng):
     save_portable(layer, tmp_path)
     written = json.loads((tmp_path / "maskbn.json").read_text())
     assert written["format"] == "maskbn-portable" and written["decay"] == layer.momentum
+    assert written["moving_var"] == ("unbiased" if knobs.get("unbiased_moving_variance") else "population")
     loaded = load_portable(tmp_path)
     assert loaded.get_config() | {"name": None} == layer.get_config() | {"name": None}
     for got, want in zip(loaded.weights, layer.weights):
@@ -81,3 +92,10 @@ def test_stock_model_checkpoint_loads_into_the_masked_model(tmp_path, padded_bat
     # no padding: in inference the masked model computes what the stock model does
     full = np.abs(x) + 1.0
     np.testing.assert_allclose(masked.predict(full, verbose=0), stock.predict(full, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_renorm_state_has_no_portable_form(tmp_path):
+    layer = MaskedBatchNormalization(renorm=True)
+    layer.build((None, 3))
+    with pytest.raises(ValueError, match="renorm"):
+        save_portable(layer, tmp_path)

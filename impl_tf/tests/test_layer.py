@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from maskbn_tf import MaskedBatchNormalization
 
@@ -22,6 +21,10 @@ EVERY_KNOB = dict(
     beta_constraint=keras.constraints.NonNeg(),
     gamma_constraint=keras.constraints.MaxNorm(2.0),
     padded_output="zero",
+    renorm=True,
+    renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0},
+    renorm_momentum=0.9,
+    unbiased_moving_variance=True,
     name="knobs",
     dtype="mixed_bfloat16",
 )
@@ -120,7 +123,7 @@ def test_constraint_is_attached():
 
 
 def _state(layer):
-    return [w.numpy().copy() for w in layer.weights]
+    return [keras.ops.convert_to_numpy(w).copy() for w in layer.weights]
 
 
 BAD_CALLS = {
@@ -129,10 +132,10 @@ BAD_CALLS = {
         ValueError,
         ["(4, 7)", "(4, 8, 3)"],
     ),
-    "full-shape-mask": (
-        lambda: dict(x=np.ones((4, 8, 3), np.float32), mask=np.ones((4, 8, 3), bool)),
+    "same-rank-mask-not-broadcasting": (
+        lambda: dict(x=np.ones((4, 8, 3), np.float32), mask=np.ones((4, 8, 2), bool)),
         ValueError,
-        ["(4, 8, 3)"],
+        ["(4, 8, 2)", "(4, 8, 3)"],
     ),
     "float-mask": (
         lambda: dict(x=np.ones((4, 8, 3), np.float32), mask=np.ones((4, 8), np.float32)),
@@ -141,11 +144,6 @@ BAD_CALLS = {
     ),
     "integer-x": (lambda: dict(x=np.ones((4, 8, 3), np.int32), mask=None), TypeError, ["int32"]),
     "channel-count": (lambda: dict(x=np.ones((4, 8, 5), np.float32), mask=None), ValueError, ["5", "3"]),
-    "zero-size-batch": (
-        lambda: dict(x=np.ones((0, 8, 3), np.float32), mask=np.ones((0, 8), bool)),
-        ValueError,
-        ["(0, 8, 3)"],
-    ),
     "rank-too-small-for-axis": (lambda: dict(x=np.ones((4,), np.float32), mask=None), ValueError, ["axis"]),
 }
 
@@ -158,9 +156,9 @@ def test_bad_input_raises_clearly_and_changes_nothing(case, policy):
     layer.build((None, None, 3))
     before = _state(layer)
     args = make()
-    kwargs = {} if args["mask"] is None else {"mask": tf.constant(args["mask"])}
+    kwargs = {} if args["mask"] is None else {"mask": keras.ops.convert_to_tensor(args["mask"])}
     with pytest.raises(error) as info:
-        layer(tf.constant(args["x"]), training=True, **kwargs)
+        layer(keras.ops.convert_to_tensor(args["x"]), training=True, **kwargs)
     for text in mentions:
         # under mixed_float16 Keras would autocast a float32 mask to float16; the message names
         # what the caller passed
@@ -189,6 +187,7 @@ def test_unknown_padded_output_raises():
         MaskedBatchNormalization(padded_output="drop")
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="synchronized=True needs the TensorFlow backend")
 def test_synchronized_outside_a_strategy_is_the_local_layer(padded_batch):
     x, mask = padded_batch
     synced, local = MaskedBatchNormalization(synchronized=True), MaskedBatchNormalization()

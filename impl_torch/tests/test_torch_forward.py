@@ -283,10 +283,10 @@ BAD_CALLS = {
         ValueError,
         ["mask shape (4, 7)", "x shape (4, 8, 3)"],
     ),
-    "mask-full-shape": (
-        lambda: (torch.zeros(4, 8, 3), torch.ones(4, 8, 3, dtype=torch.bool)),
+    "mask-same-rank-not-broadcasting": (
+        lambda: (torch.zeros(4, 8, 3), torch.ones(4, 2, 3, dtype=torch.bool)),
         ValueError,
-        ["mask shape (4, 8, 3)", "(4, 3)", "(4, 1, 3)"],
+        ["mask shape (4, 2, 3)", "(4, 3)", "(4, 1, 3)"],
     ),
     "float-mask": (lambda: (torch.zeros(4, 8, 3), torch.ones(4, 3)), TypeError, ["float32"]),
     "integer-x": (lambda: (torch.zeros(4, 8, 3, dtype=torch.int32), None), TypeError, ["int32"]),
