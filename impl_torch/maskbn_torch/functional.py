@@ -187,6 +187,13 @@ def _forward_mode_active(*tensors: Tensor | None) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by vmap: torch.func's, or the autograd engine's batched grads."""
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot trace these checks; a compiled backward is not vmapped
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 def _has_tangent(t: Tensor | None) -> bool:
     """Whether ``t`` carries a forward-mode tangent (a dual tensor at the current level)."""
     return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
@@ -309,7 +316,9 @@ class _MaskedBatchNormFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, bias, m, mean, var, count = ctx.saved_tensors
         nones = (None,) * 9
-        if torch.is_grad_enabled():
+        # a graph wanted (create_graph), or a vmapped backward (batched grads, torch.func):
+        # the composite's out-of-place autograd; the in-place fast path below refuses vmap
+        if torch.is_grad_enabled() or _vmapped(grad_out):
             return (*_composite_grads(ctx, grad_out, x, weight, bias, m, mean, var, count), *nones)
         dims, stat_shape = ctx.dims, ctx.stat_shape
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
