@@ -48,14 +48,21 @@ def configure_shard_devices() -> bool:
 
 
 def _keras():
+    # TensorFlow unless KERAS_BACKEND says otherwise: the layer runs on Keras' jax and torch
+    # backends too (tox keras-jax / keras-torch), in the eager form only
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
-    if keras.config.backend() != "tensorflow":
-        raise RuntimeError(
-            f"the 'tf' maskbn backend needs KERAS_BACKEND=tensorflow, but Keras runs on {keras.config.backend()!r}"
-        )
     return keras
+
+
+def _on_tensorflow() -> bool:
+    return _keras().config.backend() == "tensorflow"
+
+
+def _forms() -> tuple[str, ...]:
+    # tf.function and XLA are TensorFlow's forms; elsewhere Keras calls the layer eagerly
+    return FORMS if _on_tensorflow() else FORMS[:1]
 
 
 def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
@@ -75,12 +82,13 @@ class TFLayer:
     input signature like a user's train step."""
 
     def __init__(self, layer, config: LayerConfig):
-        import tensorflow as tf
-
         form = config.form or FORMS[0]
-        if form not in FORMS:
-            raise Unsupported(f"the tf backend runs a layer in the forms {FORMS}, not {form!r}")
-        self._tf = tf
+        if form not in _forms():
+            raise Unsupported(f"the tf backend runs a layer in the forms {_forms()}, not {form!r}")
+        if _on_tensorflow():
+            import tensorflow as tf
+
+            self._tf = tf
         self._keras = _keras()
         self.layer = layer
         self.config = config
@@ -96,16 +104,17 @@ class TFLayer:
         return self._graphs[name]
 
     def _tensor(self, array: np.ndarray, dtype: str):
-        return self._tf.cast(self._tf.constant(np.asarray(array)), dtype)
+        ops = self._keras.ops
+        return ops.cast(ops.convert_to_tensor(np.asarray(array)), dtype)
 
     def _mask(self, mask: np.ndarray | None):
         # keeps the NumPy dtype (bool, int8, uint8, int32, int64, or float on purpose)
-        return None if mask is None else self._tf.constant(np.asarray(mask))
+        return None if mask is None else self._keras.ops.convert_to_tensor(np.asarray(mask))
 
     def _output(self, tensor) -> Output:
         name = self._keras.backend.standardize_dtype(tensor.dtype)
         wide = "float64" if name == "float64" else "float32"
-        return Output(self._tf.cast(tensor, wide).numpy(), name)
+        return Output(self._keras.ops.convert_to_numpy(self._keras.ops.cast(tensor, wide)), name)
 
     def _call(self, x, mask, training):
         if mask is None:
@@ -131,16 +140,24 @@ class TFLayer:
     def forward_backward(self, x, x_dtype, mask, dy):
         args = [self._tensor(x, x_dtype), self._tensor(dy, x_dtype)]
         mask_t = self._mask(mask)
-        if mask_t is None:
+        if not _on_tensorflow():
+            from maskbn_tf.autodiff import training_vjp
+
+            kwargs = {} if mask_t is None else {"mask": mask_t}
+            y, dx, weight_grads = training_vjp(self.layer, *args, **kwargs)
+            weight_grads = [self._keras.ops.convert_to_numpy(g) for g in weight_grads]
+        elif mask_t is None:
             y, dx, *weight_grads = self._in_form("step", lambda x_, dy_: self._step(x_, dy_, None))(*args)
         else:
             y, dx, *weight_grads = self._in_form("step-masked", self._step)(*args, mask_t)
         grads = iter(weight_grads)
-        dgamma = np.asarray(next(grads).numpy()) if self.config.scale else None
-        dbeta = np.asarray(next(grads).numpy()) if self.config.center else None
+        dgamma = np.asarray(next(grads)) if self.config.scale else None
+        dbeta = np.asarray(next(grads)) if self.config.center else None
         return self._output(y), Gradients(x=self._output(dx), gamma=dgamma, beta=dbeta)
 
     def hvp(self, x, x_dtype, mask, dy, v):
+        if not _on_tensorflow():
+            raise Unsupported("the second-order cases use nested tf.GradientTape: TensorFlow backend only")
         x_t = self._tensor(x, x_dtype)
         mask_t = self._mask(mask)
         with self._tf.GradientTape() as outer:
@@ -158,7 +175,7 @@ class TFLayer:
         for neutral, name in _WEIGHT_NAMES.items():
             variable = getattr(self.layer, name)
             if variable is not None:
-                state[neutral] = np.array(variable.numpy())
+                state[neutral] = np.array(self._keras.ops.convert_to_numpy(variable))
         return state
 
     def set_state(self, state):
@@ -271,11 +288,12 @@ class TFBackend:
 
     name = "tf"
     stock_moving_var = "population"
-    forms = FORMS
 
     def __init__(self):
-        configure_shard_devices()
         self._keras = _keras()
+        self.forms = _forms()
+        if _on_tensorflow():
+            configure_shard_devices()
 
     def _build(self, layer, config: LayerConfig):
         # Keras builds from a shape; only the channel axis needs a size. An out-of-range axis
@@ -303,6 +321,11 @@ class TFBackend:
         return self._build(layer, config)
 
     def sharded_layer(self, config: LayerConfig, num_shards: int) -> TFShardedLayer:
+        if not _on_tensorflow():
+            raise Unsupported(
+                f"synchronized=True merges through tf.distribute: TensorFlow backend only (Keras runs on "
+                f"{self._keras.config.backend()})"
+            )
         return TFShardedLayer(self, config, num_shards)
 
     def import_portable(self, directory: Path) -> TFLayer:

@@ -111,7 +111,15 @@ def channel_sum(t, axis: int):
     shape = ops.shape(t)
     channels = t.shape[axis]
     bshape = [channels if i == axis else 1 for i in range(rank)]
-    rows = ops.sum(ops.reshape(t, (_prod(shape[:axis]), channels, _prod(shape[axis + 1 :]))), axis=2)
+    inner = t.shape[axis + 1 :]
+    if all(d == 1 for d in inner):  # channels last: a free reshape, no reduction
+        rows = ops.reshape(t, (-1, channels))
+    else:
+        rows = ops.sum(ops.reshape(t, (_prod(shape[:axis]), channels, _prod(shape[axis + 1 :]))), axis=2)
+    static_rows = rows.shape[0]
+    if static_rows is not None and static_rows % SUM_BLOCK == 0:
+        head = ops.reshape(rows, (static_rows // SUM_BLOCK, SUM_BLOCK, channels))
+        return ops.reshape(ops.sum(ops.sum(head, axis=1), axis=0), bshape)
     blocks = ops.shape(rows)[0] // SUM_BLOCK
     split = blocks * SUM_BLOCK
     head = ops.sum(ops.sum(ops.reshape(rows[:split], (blocks, SUM_BLOCK, channels)), axis=1), axis=0)

@@ -6,6 +6,8 @@ import pytest
 
 from maskbn_tf import MaskedBatchNormalization
 
+as_numpy = keras.ops.convert_to_numpy  # any backend's tensor (a torch one requiring grad too)
+
 EVERY_KNOB = dict(
     axis=1,
     momentum=0.75,
@@ -71,9 +73,13 @@ def test_stock_weights_load_and_give_stock_outputs(rng):
     ours.set_weights(stock.get_weights())
     for got, want in zip(ours.get_weights(), stock.get_weights()):
         np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(ours(x, training=False), stock(x, training=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        as_numpy(ours(x, training=False)), as_numpy(stock(x, training=False)), rtol=1e-6, atol=1e-6
+    )
     # without a mask every row is real: training matches the stock layer too
-    np.testing.assert_allclose(ours(x, training=True), stock(x, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        as_numpy(ours(x, training=True)), as_numpy(stock(x, training=True)), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(ours.moving_mean, stock.moving_mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours.moving_variance, stock.moving_variance, rtol=1e-5)
 
@@ -86,7 +92,7 @@ def test_masked_statistics_and_update(padded_batch, masked_moments):
     np.testing.assert_allclose(layer.moving_mean, 0.75 * mean, rtol=1e-6)
     np.testing.assert_allclose(layer.moving_variance, 0.25 + 0.75 * var, rtol=1e-6)
     want = (x - mean) / np.sqrt(var + 1e-3)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(as_numpy(y), want, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_mask_uses_moving_stats_and_updates_nothing(padded_batch):
@@ -97,7 +103,7 @@ def test_empty_mask_uses_moving_stats_and_updates_nothing(padded_batch):
     y = layer(x, training=True, mask=np.zeros_like(mask))
     np.testing.assert_array_equal(layer.moving_mean, np.ones(3, np.float32))
     np.testing.assert_array_equal(layer.moving_variance, np.full(3, 4.0, np.float32))
-    np.testing.assert_array_equal(y, layer(x, training=False))
+    np.testing.assert_array_equal(as_numpy(y), as_numpy(layer(x, training=False)))
 
 
 def test_not_trainable_means_inference_like_stock(padded_batch):
@@ -106,7 +112,7 @@ def test_not_trainable_means_inference_like_stock(padded_batch):
     layer.trainable = False
     y = layer(x, training=True, mask=mask)
     np.testing.assert_array_equal(layer.moving_mean, np.zeros(3, np.float32))
-    np.testing.assert_array_equal(y, layer(x, training=False, mask=mask))
+    np.testing.assert_array_equal(as_numpy(y), as_numpy(layer(x, training=False, mask=mask)))
 
 
 def test_regularizer_losses_are_collected():

@@ -140,8 +140,93 @@ def _reduction_dtype(acc: torch.dtype, device: torch.device) -> torch.dtype:
     return acc
 
 
+def _runs_eagerly(x: Tensor) -> bool:
+    """Whether this call runs op by op on real data, where data-dependent shapes and host
+    reads are fine: not traced (torch.compile, torch.export) and not on the meta device."""
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
+
+
+def _rows_2d(t: Tensor) -> Tensor | None:
+    """``t`` (channel axis last) as a (positions, C) view, or None where its layout has none."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
+    """Whether eager work happens on the gathered real rows, (n, C), with fused ATen kernels.
+
+    Eager only (the row count is data dependent; compiled code uses selects), for masks
+    constant along the channel axis; unmasked inputs only where they already are rows
+    (channels last). On this path the statistics are cascaded ATen sums of the n real rows
+    and the backward is native batch norm's own kernel on those rows.
+    """
+    if not _runs_eagerly(x) or group is not None:
+        return False
+    if m is None:
+        return _rows_2d(x.movedim(axis, -1)) is not None
+    return m.shape[axis] == 1
+
+
+def _real_rows(t: Tensor, m: Tensor | None, axis: int) -> Tensor:
+    """(n, C): t's real positions, channel last, in position order (a view when ``m`` is None)."""
+    tl = t.movedim(axis, -1)
+    if m is None:
+        return tl.reshape(-1, tl.shape[-1])
+    real = m.squeeze(axis)
+    rows = _rows_2d(tl)
+    if rows is not None:
+        # index_select copies whole rows: several times faster than boolean indexing
+        return rows.index_select(0, real.reshape(-1).nonzero().squeeze(1))
+    return tl[real]
+
+
+def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int) -> Tensor:
+    """The inverse of :func:`_real_rows`: ``rows`` at the real positions of a tensor like ``like``, 0 elsewhere."""
+    if m is None:
+        return rows.view(like.movedim(axis, -1).shape).movedim(-1, axis)
+    real = m.squeeze(axis)
+    out = torch.empty_like(like, dtype=rows.dtype)
+    out_rows = _rows_2d(out.movedim(axis, -1))
+    if out_rows is None:
+        out.zero_().movedim(axis, -1)[real] = rows
+        return out
+    # each row written once: the real ones copied, the padded ones zeroed
+    flat = real.reshape(-1)
+    out_rows.index_copy_(0, flat.nonzero().squeeze(1), rows)
+    out_rows.index_fill_(0, flat.logical_not().nonzero().squeeze(1), 0.0)
+    return out
+
+
+def _row_moments(
+    rows: Tensor, owned: bool, stat_shape: tuple[int, ...], acc: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, var) of (n, C) real rows: the corrected two-pass of :func:`_batch_moments`.
+
+    ``owned``: ``rows`` is a fresh copy (a gather) that may be modified in place.
+    """
+    n = rows.shape[0]
+    count = torch.full(stat_shape, n, dtype=acc, device=rows.device)
+    denom = max(n, 1)
+    owned = owned or rows.dtype != acc
+    rows = rows.to(acc)
+    mean1 = rows.sum(0) / denom
+    d = rows.sub_(mean1) if owned else rows - mean1
+    shift = d.sum(0) / denom
+    sum_d2 = d.square_().sum(0)  # d is a fresh buffer either way
+    var = (sum_d2 / denom - shift.square()).clamp_(min=0)
+    return count, (mean1 + shift).reshape(stat_shape), var.reshape(stat_shape)
+
+
 def _batch_moments(
-    x: Tensor, m: Tensor | None, dims: tuple[int, ...], stat_shape: tuple[int, ...], acc: torch.dtype, group: Any
+    x: Tensor,
+    m: Tensor | None,
+    axis: int,
+    dims: tuple[int, ...],
+    stat_shape: tuple[int, ...],
+    acc: torch.dtype,
+    group: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, var) per channel over the real positions, each of ``stat_shape``.
 
@@ -157,6 +242,8 @@ def _batch_moments(
     (Chan's formula with a common centre), empty shards included, in two small collectives.
     """
     x = x.detach()
+    if _gathers_rows(x, m, axis, group):
+        return _row_moments(_real_rows(x, m, axis), m is not None, stat_shape, acc)
     red = _reduction_dtype(acc, x.device)
     if m is None:
         count = torch.full(stat_shape, x.numel() // math.prod(stat_shape), dtype=acc, device=x.device)
@@ -217,6 +304,7 @@ def _composite(
     count: Tensor | None,
     eps: float,
     zero_padded: bool,
+    axis: int,
     dims: tuple[int, ...],
     stat_shape: tuple[int, ...],
     group: Any,
@@ -290,32 +378,38 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         count: Tensor | None,
         eps: float,
         zero_padded: bool,
+        axis: int,
         dims: tuple[int, ...],
         stat_shape: tuple[int, ...],
         group: Any,
     ) -> Tensor:
         acc = mean.dtype
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
-        # (x - mean) * scale + bias, not x * scale + shift: the latter cancels
-        # catastrophically when |mean| >> std
-        y = (x - mean).mul_(scale)  # x - mean promotes float16/bfloat16 x to acc
-        if bias is not None:
-            y.add_(bias.to(acc).reshape(stat_shape))
+        if _native_normalizes(x, weight, bias, mean, var, eps):
+            y = _native_normalize(x, weight, bias, mean, var, eps, axis)
+        else:
+            invstd = torch.rsqrt(var + eps)
+            scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
+            # (x - mean) * scale + bias, not x * scale + shift: the latter cancels when
+            # |mean| >> std; one fused pass when compiled
+            y = (x - mean).mul_(scale)  # x - mean promotes float16/bfloat16 x to acc
+            if bias is not None:
+                y.add_(bias.to(acc).reshape(stat_shape))
+            y = y.to(x.dtype)
         if zero_padded and m is not None:
-            _select(y, _keep_bits(m, acc), inplace=True)
+            _select(y, _keep_bits(m, y.dtype), inplace=True)
         ctx.save_for_backward(x, weight, bias, m, mean, var, count)
         ctx.eps = eps
         ctx.zero_padded = zero_padded
         ctx.group = group
+        ctx.axis = axis
         ctx.dims = dims
         ctx.stat_shape = stat_shape
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, bias, m, mean, var, count = ctx.saved_tensors
-        nones = (None,) * 9
+        nones = (None,) * 10
         # a graph wanted (create_graph), or a vmapped backward (batched grads, torch.func):
         # the composite's out-of-place autograd; the in-place fast path below refuses vmap
         if torch.is_grad_enabled() or _vmapped(grad_out):
@@ -325,6 +419,8 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         acc = mean.dtype
         red = _reduction_dtype(acc, x.device)
         invstd = torch.rsqrt(var + ctx.eps)
+        if _gathers_rows(x, m, ctx.axis, ctx.group):
+            return (*_row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count), *nones)
         keep = None if m is None else _keep_bits(m, acc)
         if m is None:
             dy = grad_out.to(acc)  # may be grad_out itself: never modified in place
@@ -362,12 +458,100 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, *nones
 
 
+# |mean| / std up to which native batch norm's x * a + b form rounds like (x - mean) * a + b
+_NATIVE_FORM_MAX_OFFSET = 4.0
+
+
+def _native_normalizes(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> bool:
+    """Whether eager normalization is native batch norm's inference kernel: one pass over x.
+
+    It computes x * a + b with a = weight * invstd, b = bias - mean * a, whose rounding
+    error is about 3 u |mean| invstd in normalized units: within the (x - mean) form's
+    u-sized error only while |mean| / std is small, so that is checked per call (a
+    per-channel test, one host sync); offset data (|mean| / std above 4, or a single real
+    row, var 0) takes the exact form, two to four passes. Compiled code fuses the exact
+    form into one pass by itself.
+    """
+    if not _runs_eagerly(x):
+        return False
+    if x.dtype != mean.dtype and not (mean.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not all(t is None or t.dtype == mean.dtype for t in (weight, bias)):
+        return False
+    return bool((mean.abs() * torch.rsqrt(var + eps)).amax() <= _NATIVE_FORM_MAX_OFFSET)
+
+
+def _native_normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float, axis: int
+) -> Tensor:
+    xl = x.movedim(axis, -1)
+    rows = _rows_2d(xl)
+    stats = (mean.reshape(-1), var.reshape(-1))
+    if rows is not None:  # channels last: batch norm's own channels-last kernel on the (P, C) view
+        return torch.batch_norm(rows, weight, bias, *stats, False, 0.0, eps, False).view(xl.shape).movedim(-1, axis)
+    return torch.batch_norm(x.movedim(axis, 1), weight, bias, *stats, False, 0.0, eps, False).movedim(1, axis)
+
+
+def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -> tuple[Tensor | None, ...]:
+    """The backward on the gathered real rows: native batch norm's backward kernel on (n, C).
+
+    Padded rows neither enter it nor get gradient (zeros are scattered around the rows).
+    grad_bias is a cascaded ATen sum of dy (the kernel's own sums are sequential float32,
+    1e-5 relative off over 2^18 rows with an offset in dy).
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    acc = mean.dtype
+    axis = ctx.axis
+    dy_rows = _real_rows(grad_out, m, axis).to(acc)
+    x_rows = _real_rows(x, m, axis).to(acc)
+    w = None if weight is None else weight.to(acc)
+    train = count is not None
+    mean_v, var_v, invstd_v = mean.reshape(-1), var.reshape(-1), invstd.reshape(-1)
+    if dy_rows.shape[0] == 0:  # no real row: the kernel would divide by zero
+        grad_rows, grad_w = dy_rows, torch.zeros_like(mean_v)
+    else:
+        grad_rows, grad_w, _ = _native_backward(dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, ctx.eps, need_x, need_w)
+    grad_x = _scatter_rows(grad_rows, x, m, axis).to(x.dtype) if need_x else None
+    grad_w = grad_w.to(weight.dtype) if need_w else None
+    grad_b = dy_rows.sum(0).to(bias.dtype) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+def _native_backward(dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, eps, need_x, need_w):
+    return torch.ops.aten.native_batch_norm_backward(
+        dy_rows,
+        x_rows,
+        w,
+        None if train else mean_v,
+        None if train else var_v,
+        mean_v if train else None,
+        invstd_v if train else None,
+        train,
+        eps,
+        [need_x, need_w, False],
+    )
+
+
 def _composite_grads(ctx, grad_out, x, weight, bias, m, mean, var, count) -> tuple[Tensor | None, ...]:
     """The backward as autograd of :func:`_composite`, with a graph (create_graph=True)."""
     inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
     with torch.enable_grad():
         y = _composite(
-            x, weight, bias, m, mean, var, count, ctx.eps, ctx.zero_padded, ctx.dims, ctx.stat_shape, ctx.group
+            x,
+            weight,
+            bias,
+            m,
+            mean,
+            var,
+            count,
+            ctx.eps,
+            ctx.zero_padded,
+            ctx.axis,
+            ctx.dims,
+            ctx.stat_shape,
+            ctx.group,
         )
         grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True))
     out = []
@@ -490,7 +674,7 @@ def masked_batch_norm(
     count = group = None
     if training:
         group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
-        count, batch_mean, batch_var = _batch_moments(input, m, dims, stat_shape, acc, group)
+        count, batch_mean, batch_var = _batch_moments(input, m, axis, dims, stat_shape, acc, group)
         has_real = count > 0
         if running_mean is not None:
             prior_mean = running_mean.detach().to(acc).reshape(stat_shape)
@@ -518,7 +702,7 @@ def masked_batch_norm(
     else:
         mean = running_mean.detach().to(acc).reshape(stat_shape)
         var = running_var.detach().to(acc).reshape(stat_shape)
-    args = (input, weight, bias, m, mean, var, count, float(eps), padded_output == "zero", dims, stat_shape, group)
+    args = (input, weight, bias, m, mean, var, count, float(eps), padded_output == "zero", axis, dims, stat_shape, group)
     if _forward_mode_active(input, weight, bias):
         return _composite(*args)
     return _MaskedBatchNormFn.apply(*args)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .errors import ChannelMismatchError
 from .functional import PADDED_OUTPUTS, masked_batch_norm
+from .scope import remember_layer_path, scoped_mask
 
 __all__ = ["MaskedBatchNorm", "convert_batchnorm"]
 
@@ -154,6 +155,8 @@ class MaskedBatchNorm(nn.Module):
                     f"expected {self.num_features} channels at axis {self.channel_axis}, got "
                     f"{int(x.shape[self.channel_axis])} (x shape {tuple(int(s) for s in x.shape)})"
                 )
+        if mask is None:  # inside a mask_scope, the scoped mask that fits x (scope.py)
+            mask = scoped_mask(self, x, self.channel_axis)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # as nn.BatchNorm: the buffers are passed where they are updated (training while
         # tracked) or read (eval); the counter only where it is updated
@@ -227,6 +230,18 @@ def convert_batchnorm(
     compute what the stock layer computed, up to rounding (the running var keeps torch's
     unbiased convention unless ``unbiased_running_var=False``, see :class:`MaskedBatchNorm`).
 
+    An unmodified model's ``forward`` passes no mask: run it inside
+    :func:`maskbn_torch.mask_scope`, which hands every converted layer the scoped mask that
+    fits its input (one mask per resolution, e.g. points and pooled items)::
+
+        convert_batchnorm(model)  # e.g. Conv1d/Linear + BatchNorm1d blocks in nn.Sequentials
+        with mask_scope(point_mask, point_mask.any(dim=1)):  # (B, N) and (B,)
+            loss = criterion(model(points), labels)
+        loss.backward()
+        stock_model.load_state_dict(model.state_dict())  # an unconverted copy loads the weights
+
+    (the whole path, with compile and checkpointing: ``impl_torch/README.md``).
+
     An ``nn.SyncBatchNorm`` becomes a synchronized ``MaskedBatchNorm`` over the same
     process group; its ``process_group=None`` means the default group, which must then be
     initialized (``torch.distributed.init_process_group``) before converting.
@@ -241,6 +256,7 @@ def convert_batchnorm(
     for name, bn in found:
         if id(bn) not in converted:
             converted[id(bn)] = _converted(bn, padded_output, unbiased_running_var)
+            remember_layer_path(converted[id(bn)], name)
         parent_name, _, child_name = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child_name, converted[id(bn)])
     return module
