@@ -274,6 +274,18 @@ def _forward_mode_active(*tensors: Tensor | None) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by vmap: torch.func's, or the autograd engine's batched grads."""
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot trace these checks; a compiled backward is not vmapped
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def _has_tangent(t: Tensor | None) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (a dual tensor at the current level)."""
+    return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
 def _all_reduce_sum_differentiable(group: Any, t: Tensor) -> Tensor:
     if group is None:
         return t
@@ -398,7 +410,9 @@ class _MaskedBatchNormFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, bias, m, mean, var, count = ctx.saved_tensors
         nones = (None,) * 10
-        if torch.is_grad_enabled():
+        # a graph wanted (create_graph), or a vmapped backward (batched grads, torch.func):
+        # the composite's out-of-place autograd; the in-place fast path below refuses vmap
+        if torch.is_grad_enabled() or _vmapped(grad_out):
             return (*_composite_grads(ctx, grad_out, x, weight, bias, m, mean, var, count), *nones)
         dims, stat_shape = ctx.dims, ctx.stat_shape
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -621,7 +635,15 @@ def masked_batch_norm(
         raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
     # as stock batch norm: eps > 0 in training, eps >= 0 in inference (NaN neither)
     if not (eps > 0 or (eps == 0 and not training)):
-        raise ValueError(f"eps must be > 0 (or 0 in inference, as stock batch norm), got {eps!r}")
+        # "eps must be positive": the words torch's own BatchNorm error inputs look for
+        raise ValueError(f"eps must be positive (or 0 in inference, as stock batch norm), got {eps!r}")
+    if (
+        _forward_mode_active(input)
+        and _has_tangent(input)
+        and (_has_tangent(running_mean) or _has_tangent(running_var))
+    ):
+        # as stock batch norm: a tangent on the running stats would be dropped silently
+        raise RuntimeError("masked_batch_norm is not differentiable with respect to running_mean and running_var")
     axis = _resolve_channel_axis(input, channel_axis)
     channels = int(input.shape[axis])
     for name, t in (

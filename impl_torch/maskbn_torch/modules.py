@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ChannelMismatchError
-from .functional import PADDED_OUTPUTS, _prepare_mask, _resolve_channel_axis, dtype_name, masked_batch_norm
+from .functional import PADDED_OUTPUTS, masked_batch_norm
 from .scope import remember_layer_path, scoped_mask
 
 __all__ = ["MaskedBatchNorm", "convert_batchnorm"]
@@ -158,9 +158,6 @@ class MaskedBatchNorm(nn.Module):
         if mask is None:  # inside a mask_scope, the scoped mask that fits x (scope.py)
             mask = scoped_mask(self, x, self.channel_axis)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        self._check_eps(use_batch_stats)
-        if isinstance(x, Tensor) and x.numel() == 0:
-            return self._zero_size_output(x, mask)
         # as nn.BatchNorm: the buffers are passed where they are updated (training while
         # tracked) or read (eval); the counter only where it is updated
         updates = self.training and self.track_running_stats
@@ -183,35 +180,6 @@ class MaskedBatchNorm(nn.Module):
             # runs the same steps (eval loops may differ in length across replicas)
             process_group=self.process_group if self.training else None,
         )
-
-    def _check_eps(self, use_batch_stats: bool) -> None:
-        # as F.batch_norm: eps = 0 is fine with running stats (var may be > 0) but would
-        # divide by a zero batch variance
-        if use_batch_stats and not self.eps > 0:
-            raise ValueError(
-                f"eps must be positive when normalizing with batch statistics (training mode, or no "
-                f"running stats), got eps={self.eps}"
-            )
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be non-negative, got eps={self.eps}")
-
-    def _zero_size_output(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """An empty x: an empty output of x's shape and dtype, no statistic, nothing updated.
-
-        The output still depends on x, weight and bias (each gets a zero gradient, as with
-        stock batch norm) so the autograd graph through the layer stays connected.
-        """
-        if not x.is_floating_point():
-            raise TypeError(f"x must have a floating dtype, got dtype {dtype_name(x.dtype)}")
-        axis = _resolve_channel_axis(x, self.channel_axis)
-        _prepare_mask(mask, x, axis)  # the same mask rules as a non-empty x
-        stat_shape = tuple(self.num_features if i == axis else 1 for i in range(x.dim()))
-        y = x.clone()
-        if self.weight is not None:
-            y = y * self.weight.to(x.dtype).reshape(stat_shape)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype).reshape(stat_shape)
-        return y
 
     def extra_repr(self) -> str:
         return (
