@@ -8,8 +8,10 @@ from benchmarks.config import (
     IMPL_DETAILS,
     IMPL_LABELS,
     IMPLS,
+    MEMORY_TARGET,
     MODE_LABELS,
     TARGETS,
+    mask_mb,
     target_for,
 )
 
@@ -92,7 +94,7 @@ def headline(results: dict, cfg: dict) -> list[dict]:
             entry["peak_mb"] = {k: v["peak_mb"] for k, v in row["impls"].items() if "peak_mb" in v}
             entry["ratios"] = {}
             for comp in COMPETITORS:
-                value, bound = ratio(row, comp), target_for(comp, mode)
+                value, bound = ratio(row, comp), target_for(comp, mode, h["padding"])
                 reason = row["impls"].get(comp, {}).get("na") or row["impls"].get(comp, {}).get("error")
                 by_min = ratio_of_mins(row, comp)
                 entry["ratios"][comp] = {
@@ -120,6 +122,116 @@ def headline(results: dict, cfg: dict) -> list[dict]:
     return out
 
 
+def targets_line() -> str:
+    """The issue's targets, in words (one place: config.TARGETS)."""
+
+    def one(t):
+        where = "" if t["max_padding"] >= 1.0 else f" at <= {_pad(t['max_padding'])} padding"
+        return f"ours / {SHORT[t['competitor']]} <= {t['bound']}{where}"
+
+    parts = [
+        f"{MODE_LABELS[mode]}: " + ", ".join(one(t) for t in TARGETS if t["mode"] == mode)
+        for mode in ("train", "infer")
+    ]
+    return (
+        "Targets (issue 13, contract 1a), same form, every grid row: "
+        + "; ".join(parts)
+        + f"; peak memory of a training step: {MEMORY_TARGET}."
+    )
+
+
+def _row_label(row: dict, shape_labels: dict) -> str:
+    return f"{shape_labels.get(row['shape'], row['shape'])} {row['dtype']} {_pad(row['padding'])}"
+
+
+def worst(results: dict, cfg: dict) -> list[dict]:
+    """Per backend, form and mode: the WORST ours / competitor over the grid for every target
+    (rows the target applies to), where it occurs, and the verdict; and the worst peak-memory
+    excess over native + one mask-sized buffer (training)."""
+    shape_labels = {s["id"]: s["label"] for s in cfg["shapes"]}
+    specs = {s["id"]: s for s in cfg["shapes"]}
+    out = []
+    for backend, payload in results.items():
+        for form in cfg["forms"].get(backend, []):
+            for mode in cfg["modes"]:
+                rows = [r for r in payload.get("rows", []) if r["form"] == form and r["mode"] == mode]
+                if not rows:
+                    continue
+                entry: dict = {"backend": backend, "form": form, "mode": mode, "rows": len(rows), "ratios": {}}
+                for t in (t for t in TARGETS if t["mode"] == mode):
+                    comp = t["competitor"]
+                    cands = [
+                        (value, r)
+                        for r in rows
+                        if r["padding"] <= t["max_padding"] + 1e-9 and (value := ratio(r, comp)) is not None
+                    ]
+                    if not cands:
+                        entry["ratios"][comp] = {"ratio": None, "target": t["bound"], "verdict": None, "at": None}
+                        continue
+                    value, r = max(cands, key=lambda c: c[0])
+                    entry["ratios"][comp] = {
+                        "ratio": round(value, 4),
+                        "target": t["bound"],
+                        "verdict": verdict(value, t["bound"]),
+                        "at": _row_label(r, shape_labels),
+                        "of": len(cands),
+                    }
+                if mode == "train":
+                    excess = []
+                    for r in rows:
+                        pk = {k: v["peak_mb"] for k, v in r["impls"].items() if "peak_mb" in v}
+                        if "ours" in pk and "native" in pk and r["shape"] in specs:
+                            spec = specs[r["shape"]]
+                            allowed = pk["native"] + mask_mb(spec["shape"], spec["channel_axis"])
+                            excess.append((pk["ours"] - allowed, pk["ours"], pk["native"], r))
+                    if excess:
+                        e, ours_mb, native_mb, r = max(excess, key=lambda c: c[0])
+                        entry["memory"] = {
+                            "excess_mb": round(e, 3),
+                            "ours_mb": ours_mb,
+                            "native_mb": native_mb,
+                            "verdict": "pass" if e <= 1e-9 else "MISS",
+                            "at": _row_label(r, shape_labels),
+                        }
+                out.append(entry)
+    return out
+
+
+def summary_lines(results: dict, cfg: dict) -> list[str]:
+    """The summary table: per backend and form, the worst same-form ratio over the grid."""
+    lines = [
+        "## Summary: worst same-form ratio over the grid",
+        "",
+        "Per backend, form and mode, the largest ours / competitor over every grid row the target applies "
+        "to (shapes, dtypes, paddings of this run; gather-scatter at <= 50 % padding), where it occurs, "
+        "and the verdict; memory: the largest excess of ours' training-step peak over native's + one "
+        "mask-sized buffer (measured at the headline padding).",
+        "",
+        "| backend | form | mode | worst ours/native | worst ours/gather-scatter | worst ours/x*a+b "
+        "| peak memory vs native + mask | rows |",
+        "|---|---|---|---|---|---|---|--:|",
+    ]
+
+    def cell(r):
+        if not r or r["ratio"] is None:
+            return "n/a"
+        return f"{r['ratio']:.2f} **{r['verdict']}** (<= {r['target']}) at {r['at']}"
+
+    for e in worst(results, cfg):
+        mem = e.get("memory")
+        mem_cell = (
+            f"{mem['ours_mb']:.3g} / {mem['native_mb']:.3g} MB: **{mem['verdict']}** at {mem['at']}" if mem else ""
+        )
+        comps = e["ratios"]
+        lines.append(
+            f"| {e['backend']} | {FORMS.get(e['backend'], {}).get(e['form'], e['form'])} | {e['mode']} | "
+            f"{cell(comps.get('native'))} | {cell(comps.get('gather_scatter'))} | "
+            f"{cell(comps.get('floor')) if e['mode'] == 'train' else ''} | {mem_cell} | {e['rows']} |"
+        )
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict, cfg: dict, meta: dict) -> str:
     h = cfg["headline"]
     shape_labels = {s["id"]: s["label"] for s in cfg["shapes"]}
@@ -128,6 +240,17 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
         f"Run {meta['date']} on {meta['machine']}, code at {meta.get('git', '?')}; "
         f"wall time {meta['elapsed_s']:.0f} s"
         + (" (**--quick**: tiny shapes, 1-2 repeats; the numbers mean nothing)" if cfg.get("quick") else "")
+        + (
+            " (**reduced grid**: "
+            + ", ".join(s["id"] for s in cfg["shapes"])
+            + "; "
+            + ", ".join(cfg["dtypes"])
+            + "; padding "
+            + ", ".join(_pad(p) for p in cfg["paddings"])
+            + ")"
+            if cfg.get("reduced")
+            else ""
+        )
         + ".",
         "",
         "Each backend runs in its own process. Within a group (backend, form, mode, shape, dtype, padding) "
@@ -159,11 +282,7 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
         f"## Headline: compiled form, {h['dtype']}, {shape_labels.get(h['shape'], h['shape'])}, "
         f"{_pad(h['padding'])} padding",
         "",
-        "Targets (issue 7): training fwd+bwd "
-        + ", ".join(f"ours / {SHORT[c]} <= {b}" for c, m, b in TARGETS if m == "train")
-        + "; inference "
-        + ", ".join(f"ours / {SHORT[c]} <= {b}" for c, m, b in TARGETS if m == "infer")
-        + ".",
+        targets_line(),
         "",
         "| backend | form | mode | ours ms | native ms | ours/native | ours/masked | ours/gather-scatter "
         "| ours/x*a+b | ours/native, fastest rounds | peak MB ours / native | n |",
@@ -212,6 +331,8 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
     if extra:
         lines += [*extra, ""]
 
+    lines += summary_lines(results, cfg)
+
     # -- every group --------------------------------------------------------------------------
     for backend, payload in results.items():
         lines += [f"## {backend}: {BACKEND_LABELS[backend]}", ""]
@@ -234,7 +355,7 @@ def markdown(results: dict, cfg: dict, meta: dict) -> str:
             rats = []
             for comp in COMPETITORS:
                 value = ratio(row, comp)
-                v = verdict(value, target_for(comp, row["mode"]))
+                v = verdict(value, target_for(comp, row["mode"], row["padding"]))
                 na = "na" in row["impls"].get(comp, {})
                 rats.append("n/a" if na else _r(value) + (" x" if v == "MISS" else ""))
             for impl, cell in row["impls"].items():

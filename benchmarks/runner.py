@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks.config import BACKEND_LABELS, BACKENDS, make_config
-from benchmarks.report import headline, markdown, plot
+from benchmarks.report import headline, markdown, plot, worst
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only the headline shape, dtype and padding (every form), with up to 31 rounds: checks the targets fast",
     )
     p.add_argument(
+        "--shapes", default=None, help="reduced grid: comma-separated shape ids (e.g. 16x4096x64,32x64x32x32)"
+    )
+    p.add_argument("--dtypes", default=None, help="reduced grid: comma-separated dtypes (float32,bfloat16)")
+    p.add_argument("--paddings", default=None, help="reduced grid: comma-separated padding fractions (e.g. 0,0.5)")
+    p.add_argument(
         "--torch-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -71,6 +76,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None, help="seconds per backend the repeats adapt to (overrides)")
     p.add_argument("--timeout", type=float, default=None, help="hard limit per backend worker in seconds (overrides)")
     return p.parse_args(argv)
+
+
+def grid_kwargs(args: argparse.Namespace) -> dict:
+    """make_config's reduced-grid arguments from the command line (None: the full grid)."""
+
+    def items(value):
+        return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+    paddings = items(args.paddings)
+    return {
+        "shapes": items(args.shapes),
+        "dtypes": items(args.dtypes),
+        "paddings": None if paddings is None else [float(p) for p in paddings],
+    }
 
 
 def _run_worker(backend: str, exe: str, cfg_path: Path, out_json: Path, log_path: Path, timeout: float) -> dict:
@@ -192,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         pythons[name] = exe
 
+    try:
+        grid = grid_kwargs(args)
+        make_config(quick=args.quick, **grid)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     out = Path(args.out)
     if args.render:
         return render(out)
@@ -213,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_s=budget,
             torch_compile_bf16=args.torch_compile_bf16,
             headline_only=args.headline,
+            **grid,
         )
         cfgs[backend] = cfg
         cfg_path = out / f"config_{backend}.json"
@@ -234,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_compile=args.torch_compile,
         torch_compile_bf16=args.torch_compile_bf16,
         headline_only=args.headline,
+        **grid,
     )
     cfg["forms"] = {b: c["forms"][b] for b, c in cfgs.items()} | {b: [] for b in BACKENDS if b not in cfgs}
     meta = {
@@ -251,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_limit_s": limit,
         "budgets": {b: c["budget_s"] for b, c in cfgs.items()},
         "headline": headline(results, cfg),
+        "worst": worst(results, cfg),
         "backends": results,
     }
     (out / "results.json").write_text(json.dumps(combined, indent=1))

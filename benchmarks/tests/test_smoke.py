@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks.config import make_mask
-from benchmarks.report import headline, markdown, ratio
+from benchmarks.report import headline, markdown, ratio, worst
 
 ROOT = Path(__file__).resolve().parents[2]
 RATIO_COLUMNS = ("ours/native", "ours/masked", "ours/gather-scatter", "ours/x*a+b")
@@ -107,12 +107,15 @@ def test_report_verdicts_from_a_synthetic_result():
             "native": {"median_ms": native, "peak_mb": 1.0},
             "masked": {"na": "none"},
             "gather_scatter": {"median_ms": 4.0 * ours},
-            "floor": {"median_ms": ours / 2},
+            "floor": {"median_ms": ours / 1.5},
         }
         base = {"shape": "s", "dtype": "float32", "form": "compiled", "padding": 0.5, "repeats": 3}
         return {**base, "mode": mode, "impls": impls}
 
     results = {"torch": {"status": "ok", "rows": [row("train", 1.5, 1.0), row("infer", 1.0, 1.0)]}}
+    assert "Summary: worst same-form ratio" in markdown(
+        results, cfg, {"date": "today", "machine": "here", "elapsed_s": 1.0}
+    )
     entries = {e["mode"]: e for e in headline(results, cfg)}
     train = entries["train"]["ratios"]
     assert train["native"]["verdict"] == "MISS" and train["native"]["ratio"] == 1.5
@@ -124,3 +127,41 @@ def test_report_verdicts_from_a_synthetic_result():
     assert "**MISS**" in md and "**pass**" in md
     for column in RATIO_COLUMNS:
         assert column in md
+
+
+def test_summary_takes_the_worst_row_each_target_applies_to():
+    shape = {"id": "s", "shape": [2, 4, 3], "channel_axis": -1, "label": "(2, 4, 3) C-last"}
+    cfg = {"shapes": [shape], "modes": ["train", "infer"], "forms": {"jax": ["compiled"]}}
+
+    def row(padding, ours, native, gs, peak_ours=1.0):
+        impls = {
+            "ours": {"median_ms": ours, "peak_mb": peak_ours},
+            "native": {"median_ms": native, "peak_mb": 1.0},
+            "gather_scatter": {"median_ms": gs},
+            "floor": {"median_ms": 1.0},
+        }
+        return {
+            "shape": "s",
+            "dtype": "float32",
+            "form": "compiled",
+            "mode": "train",
+            "padding": padding,
+            "impls": impls,
+        }
+
+    # the 90 % row is the worst against gather-scatter, but that target stops at 50 % padding
+    rows = [row(0.0, 1.0, 1.0, 2.0), row(0.5, 1.3, 1.0, 1.2, peak_ours=1.5), row(0.9, 1.1, 1.0, 0.5)]
+    (entry,) = worst({"jax": {"status": "ok", "rows": rows}}, cfg)
+    assert entry["ratios"]["native"]["ratio"] == 1.3 and entry["ratios"]["native"]["verdict"] == "MISS"
+    assert entry["ratios"]["native"]["at"] == "(2, 4, 3) C-last float32 50 %"
+    gs = entry["ratios"]["gather_scatter"]
+    assert gs["ratio"] == round(1.3 / 1.2, 4) and gs["verdict"] == "MISS" and gs["of"] == 2
+    assert entry["ratios"]["floor"]["ratio"] == 1.3 and entry["ratios"]["floor"]["verdict"] == "pass"
+    # memory: native 1 MB + the mask (8 bools) allowed; ours 1.5 MB misses
+    assert entry["memory"]["verdict"] == "MISS" and entry["memory"]["excess_mb"] > 0.49
+
+
+def test_a_reduced_grid_with_an_unknown_shape_is_refused(tmp_path):
+    proc, _ = _bench(tmp_path, "--shapes", "1x2x3")
+    assert proc.returncode == 2
+    assert "unknown shape" in proc.stderr

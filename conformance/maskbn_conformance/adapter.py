@@ -63,6 +63,12 @@ class LayerConfig:
     #: the run dtype: the dtype of ``x``; the layer keeps float32 state
     #: unless this is float64
     dtype: str
+    #: what a training call stores as the batch variance: "population" (1/n) or
+    #: "unbiased" (n / max(n - 1, 1) times it, per channel: torch's convention)
+    moving_var: str = "population"
+    #: how the layer is called: one of the backend's ``forms`` (None: its
+    #: first, default form), e.g. torch "compile", Keras "function" or "xla"
+    form: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,14 @@ class Layer(Protocol):
 
         ``dy`` is float32 holding values exact in ``x_dtype``; convert it like x.
         The moving stats update exactly as in ``forward(..., training=True)``."""
+
+    def hvp(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray, v: np.ndarray) -> Output:
+        """Optional: a training call and its second derivative, the
+        Hessian-vector product d/dx <d/dx sum(y * dy), v>, through the
+        framework's own autodiff (double backward, nested tapes, grad of grad).
+        ``dy`` and ``v`` arrive like ``dy`` above. The moving stats update as in
+        ``forward(..., training=True)``. A layer without it lacks the method:
+        its second-order cases become visible skips."""
 
     def get_state(self) -> dict[str, np.ndarray]:
         """Current weights and moving stats under neutral names, in the dtype
@@ -167,6 +181,14 @@ class Backend(Protocol):
 
     #: short name, used in test ids (``torch``, ``tf``, ``jax``)
     name: str
+    #: the moving-variance convention of the framework's stock batch norm
+    #: ("unbiased" for torch, "population" elsewhere): parity cases run the
+    #: masked layer in it, so masked and stock layers store the same thing
+    stock_moving_var: str
+    #: the forms the adapter runs a layer in (eager, graph, compiled ...), the
+    #: default first; spec cases marked ``every_form`` run in each, with ids
+    #: ``<name>-<form>-<case>-...`` for the non-default ones
+    forms: tuple[str, ...]
 
     def layer(self, config: LayerConfig) -> Layer:
         """Build a masked batch norm layer; raise Unsupported for a dtype or

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from . import reference as ref
 from .dtypes import carrier, round_to
 
 PADDING_FILLS = {
@@ -31,23 +32,18 @@ class StepInputs:
     x_dtype: str
     #: what the adapter receives as mask (None: no mask argument)
     mask: np.ndarray | None
-    #: bool, x's shape without the channel axis: the real positions
+    #: bool, x's shape: the real elements (the mask as the contract reads it)
     real: np.ndarray
     #: cotangent for backward steps (zero on padded rows), as carrier and float64
     dy: np.ndarray | None
     dy64: np.ndarray | None
+    #: hvp steps: the direction v (seeded normal everywhere, padded elements too)
+    v: np.ndarray | None = None
+    v64: np.ndarray | None = None
 
 
 def normalize_axis(axis: int, rank: int) -> int:
     return axis % rank
-
-
-def expand_to_x(real: np.ndarray, x_shape: tuple[int, ...], axis: int) -> np.ndarray:
-    """A per-position array given a size-1 channel axis, so it broadcasts over x.
-    (With an out-of-range channel axis the mask already has x's rank.)"""
-    if real.ndim == len(x_shape):
-        return real
-    return np.expand_dims(real, normalize_axis(axis, len(x_shape)))
 
 
 def make_x(spec: dict[str, Any], axis: int) -> np.ndarray:
@@ -113,26 +109,52 @@ def make_real(spec: dict[str, Any], mask_shape: tuple[int, ...]) -> np.ndarray |
     return flat.reshape(mask_shape)
 
 
-def mask_for_adapter(spec: dict[str, Any], real: np.ndarray | None, axis: int, rank: int) -> np.ndarray | None:
+def mask_shape_of(spec: dict[str, Any], x_shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """The shape of the mask array a mask spec generates: x's shape without the
+    channel axis by default, ``x.shape[:-1]`` for ``form: leading`` (Keras), or
+    the ``broadcast`` shape (same rank as x, size 1 where it broadcasts)."""
+    if "broadcast" in spec:
+        return tuple(spec["broadcast"])
+    if spec.get("form") == "leading":
+        return tuple(x_shape[:-1])
+    return tuple(s for i, s in enumerate(x_shape) if i != axis)
+
+
+def mask_for_adapter(spec: dict[str, Any], generated: np.ndarray | None, axis: int, rank: int) -> np.ndarray | None:
     """The mask array as the case says to pass it (dtype, channel dim, shape)."""
-    if real is None:
+    if generated is None:
         return None
     if "shape" in spec:
         # bad-input cases: a mask of a shape that does not fit x
         mask = np.ones(tuple(spec["shape"]), dtype=bool)
     else:
-        mask = real
+        mask = generated
         if spec.get("channel_dim") == "keep":
             mask = np.expand_dims(mask, normalize_axis(axis, rank))
     dtype = spec.get("dtype", "bool")
     return np.ascontiguousarray(mask.astype(dtype))
 
 
+def real_of(
+    mask: np.ndarray | None, generated: np.ndarray | None, x_shape: tuple[int, ...], axis: int | None
+) -> np.ndarray:
+    """The real elements (x's shape) of a mask as passed. A mask that cannot fit
+    (bad-input cases) keeps the generated pattern's meaning, so the steps
+    before the bad call see an ordinary mask."""
+    everything = np.ones(x_shape, dtype=bool)
+    if generated is None or axis is None:
+        return everything if generated is None or generated.shape != x_shape else generated
+    try:
+        return ref.mask_elements(mask, x_shape, axis)
+    except ValueError:
+        return ref.real_elements(generated, x_shape, axis) if generated.ndim == len(x_shape) - 1 else everything
+
+
 def fill_padding(x: np.ndarray, real: np.ndarray, fill: str, axis: int, seed: int = 0) -> np.ndarray:
     """x with its padded positions overwritten (float64 in, float64 out)."""
     if fill == "keep":
         return x.copy()
-    padded = np.broadcast_to(expand_to_x(~real, x.shape, axis), x.shape)
+    padded = ~real
     out = x.copy()
     if fill == "random-bits":
         rng = np.random.default_rng(seed + 1)
@@ -154,21 +176,22 @@ def build_step_inputs(
     mask_dtype: str | None = None,
     backward: bool = False,
     seed_offset: int = 0,
+    direction: bool = False,
 ) -> StepInputs:
     """All arrays for one step. ``fill`` / ``mask_dtype`` override the spec
     (used by invariants that rerun a case with other padding or mask dtypes)."""
     x = make_x(x_spec, axis)
     rank = x.ndim
     ax = normalize_axis(axis, rank) if -rank <= axis < rank else None
-    mask_shape = tuple(s for i, s in enumerate(x.shape) if i != ax)
-    real = make_real(mask_spec, mask_shape)
-    real_or_all = np.ones(mask_shape, dtype=bool) if real is None else real
-    if real is not None and real_or_all.shape != mask_shape:
-        raise ValueError(f"explicit mask of shape {real_or_all.shape} does not fit x shape {x.shape}")
-    fill = fill or x_spec.get("padding", "zeros")
-    x = fill_padding(x, real_or_all, fill, axis, seed=x_spec.get("seed", 0))
+    mask_shape = mask_shape_of(mask_spec, x.shape, ax)
+    generated = make_real(mask_spec, mask_shape)
+    if generated is not None and generated.shape != mask_shape:
+        raise ValueError(f"explicit mask of shape {generated.shape} does not fit x shape {x.shape}")
     mask_spec = dict(mask_spec, dtype=mask_dtype) if mask_dtype else mask_spec
-    mask = mask_for_adapter(mask_spec, real, axis, rank)
+    mask = mask_for_adapter(mask_spec, generated, axis, rank)
+    real = real_of(mask, generated, x.shape, ax)
+    fill = fill or x_spec.get("padding", "zeros")
+    x = fill_padding(x, real, fill, axis, seed=x_spec.get("seed", 0))
 
     x_dtype = x_spec.get("dtype", dtype)
     if x_dtype in ("int32", "int64"):
@@ -182,10 +205,15 @@ def build_step_inputs(
     if backward:
         rng = np.random.default_rng(1000 + seed_offset + x_spec.get("seed", 0))
         g = rng.standard_normal(x.shape)
-        g = np.where(expand_to_x(real_or_all, x.shape, axis), g, 0.0)
+        g = np.where(real, g, 0.0)
         dy64 = round_to(g, dtype)
         dy = carrier(dy64, dtype)
-    return StepInputs(x64=x64, x=x_carrier, x_dtype=x_dtype, mask=mask, real=real_or_all, dy=dy, dy64=dy64)
+    v = v64 = None
+    if direction:
+        rng = np.random.default_rng(2000 + seed_offset + x_spec.get("seed", 0))
+        v64 = round_to(rng.standard_normal(x.shape), dtype)
+        v = carrier(v64, dtype)
+    return StepInputs(x64=x64, x=x_carrier, x_dtype=x_dtype, mask=mask, real=real, dy=dy, dy64=dy64, v=v, v64=v64)
 
 
 def state_value(value: Any, channels: int, seed: int) -> np.ndarray:

@@ -8,6 +8,7 @@ keep the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,12 +37,32 @@ class Runs:
         self._traces: dict[tuple, Trace | BaseException] = {}
         self._refs: dict[tuple, list[RefStep]] = {}
 
+    #: runs of this many (backend, case, dtype) groups are kept; checks of one case
+    #: run one after another, and a case at scale holds arrays of hundreds of MB
+    KEEP_GROUPS = 2
+
+    @staticmethod
+    def _group(key: tuple) -> tuple:
+        return (*key[:3], key[3].form)
+
+    def _evict(self, group: tuple) -> None:
+        groups = list(dict.fromkeys(self._group(k) for k in self._traces))
+        if group in groups:
+            return
+        for old in groups[: max(len(groups) - self.KEEP_GROUPS + 1, 0)]:
+            for store in (self._traces, self._refs):
+                for key in [k for k in store if self._group(k) == old]:
+                    del store[key]
+
     def trace(self, backend: Backend, case: Case, dtype: str, variant: Variant) -> Trace:
         key = (backend.name, case.id, dtype, variant)
         if key not in self._traces:
+            self._evict(self._group(key))
             try:
                 run = (
-                    run_sharded(backend, case, dtype) if variant.sharded else run_backend(backend, case, dtype, variant)
+                    run_sharded(backend, case, dtype, variant)
+                    if variant.sharded
+                    else run_backend(backend, case, dtype, variant)
                 )
                 self._traces[key] = run
             except Exception as exc:
@@ -68,9 +89,15 @@ class Context:
     args: dict[str, Any] = field(default_factory=dict)
     #: tolerance override from the backend's expectations file
     tolerance_override: dict[str, float] | None = None
+    #: the backend form every run of this check uses (None: the default)
+    form: str | None = None
+
+    def variant(self, variant: Variant = AS_WRITTEN) -> Variant:
+        """``variant`` in this check's form."""
+        return dataclasses.replace(variant, form=self.form)
 
     def trace(self, variant: Variant = AS_WRITTEN, allow_errors: bool = False) -> Trace:
-        trace = self.runs.trace(self.backend, self.case, self.dtype, variant)
+        trace = self.runs.trace(self.backend, self.case, self.dtype, self.variant(variant))
         if allow_errors:
             return trace
         if trace.build_error is not None:
@@ -178,8 +205,8 @@ def assert_same_state(after: dict, before: dict, label: str) -> None:
 
 
 def _expand(real: np.ndarray, like: np.ndarray, trace: Trace) -> np.ndarray:
-    axis = trace.config.axis % like.ndim
-    return np.broadcast_to(np.expand_dims(real, axis), like.shape)
+    """The real elements (already x's shape) as a selector for ``like``."""
+    return np.broadcast_to(real, like.shape)
 
 
 def _output_steps(trace: Trace):
@@ -232,7 +259,8 @@ def moving_stats_match_reference(ctx: Context) -> None:
 
 @invariant
 def real_rows_match_standalone_bn(ctx: Context) -> None:
-    """Real output rows equal textbook batch norm run on the real rows alone."""
+    """Real output rows equal textbook batch norm run on the real rows alone
+    (per channel, over that channel's real elements)."""
     trace = ctx.trace()
     config = trace.config
     checked = 0
@@ -240,14 +268,20 @@ def real_rows_match_standalone_bn(ctx: Context) -> None:
         if record.call not in ("train", "backward") or not record.inputs.real.any():
             continue
         axis = config.axis % record.inputs.x64.ndim
-        real = record.inputs.real.reshape(-1)
-        real_x = ref.to_rows(record.inputs.x64, axis)[real]
+        real = ref.to_rows(record.inputs.real, axis)
+        rows, got = ref.to_rows(record.inputs.x64, axis), ref.to_rows(record.output.value, axis)
         state = record.state_before
         gamma = state["gamma"].astype(np.float64) if config.scale else np.ones(config.channels)
         beta = state["beta"].astype(np.float64) if config.center else np.zeros(config.channels)
-        expected = ref.standalone_batch_norm(real_x, gamma, beta, config.epsilon)
-        got = ref.to_rows(record.output.value, axis)[real]
-        assert_close(got, expected, ctx.tol("output"), f"step {record.index} ({record.call}) real rows of y")
+        for c in np.flatnonzero(real.any(axis=0)):
+            column = real[:, c]
+            expected = ref.standalone_batch_norm(
+                rows[column, c : c + 1], gamma[c : c + 1], beta[c : c + 1], config.epsilon
+            )
+            assert_close(
+                got[column, c : c + 1], expected, ctx.tol("output"),
+                f"step {record.index} ({record.call}) real rows of y, channel {c}",
+            )  # fmt: skip
         checked += 1
     if not checked:
         raise CheckFailed("no training step with a real row: this invariant has nothing to check here")
@@ -334,6 +368,27 @@ def gradients_match_reference(ctx: Context) -> None:
         assert_close(record.grads.x.value, expected.dx, tol, f"{label} dx")
         for name, got, want in affine_gradients(config, record.grads, expected.dgamma, expected.dbeta, label):
             assert_close(got, want, tol, f"{label} d{name}")
+
+
+@invariant
+def second_derivatives_match_reference(ctx: Context) -> None:
+    """The Hessian-vector product d/dx <d/dx sum(y * dy), v> of a training call
+    equals the float64 reference's, and is exactly 0 on padded elements."""
+    trace = ctx.trace()
+    refs = ctx.reference(trace)
+    steps = [r for r in trace.steps if r.hvp is not None]
+    if not steps:
+        raise CheckFailed("the case has no hvp step")
+    for record in steps:
+        got = record.hvp.value
+        label = f"step {record.index} (hvp)"
+        if record.hvp.dtype != record.inputs.x_dtype:
+            raise CheckFailed(f"{label}: the product is {record.hvp.dtype}, x was {record.inputs.x_dtype}")
+        assert_close(got, refs[record.index].hvp, ctx.tol("hvp"), f"{label} d/dx <grad, v>")
+        padded = ~_expand(record.inputs.real, got, trace)
+        if (got[padded] != 0).any():
+            index = np.unravel_index(np.flatnonzero(padded & (got != 0))[0], got.shape)
+            raise CheckFailed(f"{label}: padded element {tuple(map(int, index))} = {got[index]!r}, not 0")
 
 
 @invariant
@@ -432,21 +487,27 @@ def all_true_mask_equals_no_mask(ctx: Context) -> None:
     )  # fmt: skip
 
 
+def _stock_pair(ctx: Context, name: str) -> tuple[Trace, Trace]:
+    """The masked layer and the stock one, both in the framework's stock
+    moving-variance convention (the masked layer has it as a knob)."""
+    convention = ctx.backend.stock_moving_var
+    base = ctx.trace(Variant(moving_var=convention))
+    _require_all_real(base, name)
+    return base, ctx.trace(Variant(stock=True, moving_var=convention))
+
+
 @invariant
 def matches_stock_batch_norm(ctx: Context) -> None:
     """Without padding, training outputs, gradients and moving mean equal the framework's stock BN."""
-    base = ctx.trace()
-    _require_all_real(base, "matches_stock_batch_norm")
-    stock = ctx.trace(Variant(stock=True))
+    base, stock = _stock_pair(ctx, "matches_stock_batch_norm")
     _assert_runs_close(ctx, base, stock, "stock BN vs masked", ("train", "backward"), ("moving_mean",))
 
 
 @invariant
 def matches_stock_moving_var(ctx: Context) -> None:
-    """Without padding, moving variance and eval outputs equal the framework's stock BN."""
-    base = ctx.trace()
-    _require_all_real(base, "matches_stock_moving_var")
-    stock = ctx.trace(Variant(stock=True))
+    """Without padding, moving variance and eval outputs equal the framework's stock BN
+    (in its convention: the masked layer set to it)."""
+    base, stock = _stock_pair(ctx, "matches_stock_moving_var")
     _assert_runs_close(ctx, base, stock, "stock BN vs masked", ("train", "eval", "backward"), ("moving_var",))
 
 
@@ -525,17 +586,17 @@ def _trained_layer(ctx: Context, layer):
     for index, step in enumerate(expand_raw_steps(ctx.case)):
         if step[1]["call"] != "train":
             continue
-        last = step_inputs(ctx.case, step[1], index, ctx.dtype, AS_WRITTEN)
+        last = step_inputs(ctx.case, step[1], index, ctx.dtype, ctx.variant())
         layer.forward(last.x, last.x_dtype, last.mask, training=True)
     if last is None:
         raise CheckFailed("the case has no train step to build state with")
     return layer, last
 
 
-def layer_config_of(ctx: Context):
+def layer_config_of(ctx: Context, variant: Variant = AS_WRITTEN):
     from .runner import layer_config
 
-    return layer_config(ctx.case, ctx.dtype)
+    return layer_config(ctx.case, ctx.dtype, ctx.variant(variant))
 
 
 def _optional(backend, method: str):
@@ -556,6 +617,13 @@ def _assert_same_layer(ctx: Context, a, b, inputs, label: str, exact: bool) -> N
         assert_identical(yb, ya, f"{label}: eval y")
     else:
         assert_close(yb, ya, ctx.tol("output"), f"{label}: eval y")
+    # one more training call on both: the loaded layer must have kept the
+    # moving-variance convention (and decay), not only the numbers
+    a.forward(inputs.x, inputs.x_dtype, inputs.mask, training=True)
+    b.forward(inputs.x, inputs.x_dtype, inputs.mask, training=True)
+    state_a, state_b = a.get_state(), b.get_state()
+    for key in ("moving_mean", "moving_var"):
+        assert_close(state_b[key], state_a[key], ctx.tol("stats"), f"{label}: {key} after one more training call")
 
 
 @invariant
@@ -572,7 +640,7 @@ def portable_round_trip(ctx: Context) -> None:
 @invariant
 def loads_stock_checkpoint(ctx: Context) -> None:
     """A trained stock batch norm's usual checkpoint loads into the masked layer: same state, same eval outputs."""
-    config = layer_config_of(ctx)
+    config = layer_config_of(ctx, Variant(moving_var=ctx.backend.stock_moving_var))
     stock, inputs = _trained_layer(ctx, ctx.backend.stock_layer(config))
     if inputs.mask is not None:
         raise CheckFailed("loads_stock_checkpoint needs a case without a mask (the stock layer takes none)")
@@ -625,6 +693,88 @@ def expand_raw_steps(case: Case) -> list[tuple[int, dict]]:
         for _ in range(step.get("repeat", 1)):
             out.append((len(out), step))
     return out
+
+
+def _scale_bounds(ctx: Context, trace: Trace):
+    """Per training step with real rows: (record, reference step, mean bound,
+    variance bound), the contract's accuracy at scale (spec/tolerances.yaml,
+    ``scale``): the mean within ``mean_ulps`` float32 ulps of the exact mean (plus
+    ``mean_sigma`` standard deviations), the variance within ``var_rtol``
+    relative plus the square of the mean bound (what a mean off by that much
+    adds to a variance centred on it)."""
+    if ctx.case.param("decay") != 0:
+        raise CheckFailed("accuracy at scale reads the batch stats from the moving stats: the case needs decay 0")
+    tol = ctx.spec.tolerances[ctx.dtype]["scale"]
+    refs = ctx.reference(trace)
+    out = []
+    for record, expected in zip(trace.steps, refs):
+        if record.call not in ("train", "backward") or expected.n is None or not (expected.n > 0).any():
+            continue
+        mean, var = expected.state_after["moving_mean"], expected.state_after["moving_var"]
+        ulp = np.spacing(np.abs(mean).astype(np.float32)).astype(np.float64)
+        mean_bound = tol["mean_ulps"] * ulp + tol["mean_sigma"] * np.sqrt(var)
+        var_bound = tol["var_rtol"] * var + mean_bound**2
+        out.append((record, expected, mean_bound, var_bound))
+    if not out:
+        raise CheckFailed("the case has no training step with a real row")
+    return out
+
+
+@invariant
+def statistics_accurate_at_scale(ctx: Context) -> None:
+    """Batch mean within about one float32 ulp of the exact mean, variance within 1e-5 relative, at any size and offset."""
+    trace = ctx.trace()
+    for record, expected, mean_bound, var_bound in _scale_bounds(ctx, trace):
+        active = expected.n > 0
+        for key, bound in (("moving_mean", mean_bound), ("moving_var", var_bound)):
+            got = record.state_after[key].astype(np.float64)
+            want = expected.state_after[key]
+            err = np.abs(got - want)
+            bad = active & ~(err <= bound)
+            if bad.any():
+                c = int(np.flatnonzero(bad)[0])
+                sigma = np.sqrt(expected.state_after["moving_var"][c])
+                ulp = np.spacing(np.float32(abs(expected.state_after["moving_mean"][c])))
+                raise CheckFailed(
+                    f"step {record.index} ({record.call}) {key}[{c}] over {int(expected.n[c])} real rows: got "
+                    f"{got[c]!r}, exact {want[c]!r}, off by {err[c]:.3g} > allowed {bound[c]:.3g} "
+                    f"({err[c] / ulp:.3g} float32 ulps of the mean, {err[c] / max(sigma, 1e-300):.3g} sigma)"
+                )
+
+
+@invariant
+def outputs_accurate_at_scale(ctx: Context) -> None:
+    """Real outputs of training calls within what the allowed mean and variance errors propagate to, plus output rounding."""
+    trace = ctx.trace()
+    config = trace.config
+    for record, expected, mean_bound, var_bound in _scale_bounds(ctx, trace):
+        if record.output is None:
+            continue
+        axis = config.axis % record.inputs.x64.ndim
+        state = record.state_before
+        gamma = np.abs(state["gamma"].astype(np.float64)) if config.scale else np.ones(config.channels)
+        var = expected.state_after["moving_var"]
+        inv_std = 1.0 / np.sqrt(var + config.epsilon)
+        want = ref.to_rows(expected.y, axis)
+        xhat = np.abs(want - (state["beta"].astype(np.float64) if config.center else 0.0)) / np.maximum(gamma, 1e-30)
+        # y = gamma (x - m) / sqrt(v + eps) + beta: dm moves y by gamma dm / std,
+        # dv by gamma |xhat| dv / (2 (v + eps))
+        propagated = gamma * (mean_bound * inv_std + xhat * var_bound * inv_std**2 / 2)
+        tol = ctx.tol("output")
+        real = ref.to_rows(record.inputs.real, axis)
+        got = ref.to_rows(record.output.value, axis)
+        scale = max(float(np.max(np.abs(want[real]))), 1e-30)
+        allowed = propagated + tol["atol"] * scale + tol["rtol"] * np.abs(want)
+        with np.errstate(invalid="ignore"):
+            err = np.abs(got - want)
+        bad = real & ~(err <= allowed)
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[np.argmax((err - allowed)[bad])])
+            raise CheckFailed(
+                f"step {record.index} ({record.call}) real row {r}, channel {c}: y = {got[r, c]!r}, exact "
+                f"{want[r, c]!r}, off by {err[r, c]:.3g} > allowed {allowed[r, c]:.3g} "
+                f"({int(bad.sum())} of {int(real.sum())} real elements out; propagated part {propagated[r, c]:.3g})"
+            )
 
 
 @invariant

@@ -32,11 +32,10 @@ class ReferenceLayer:
 
     # -- validation, as every backend must do it, before touching state
     def _check(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None) -> tuple[int, np.ndarray]:
+        """(channel axis, the real elements as a bool array of x's shape)."""
         if x_dtype not in _FLOATS:
             raise TypeError(f"x must be a floating tensor, got dtype {x_dtype}")
         rank = x.ndim
-        if x.size == 0:
-            raise ValueError(f"x of shape {tuple(x.shape)} is empty: batch norm needs at least one position")
         if not -rank <= self.config.axis < rank:
             raise ValueError(f"channel axis {self.config.axis} is out of range for x of shape {tuple(x.shape)}")
         axis = self.config.axis % rank
@@ -45,20 +44,14 @@ class ReferenceLayer:
                 f"x has {x.shape[axis]} channels on axis {axis} (shape {tuple(x.shape)}), "
                 f"the layer was built for {self.config.channels}"
             )
-        squeezed = tuple(s for i, s in enumerate(x.shape) if i != axis)
         if mask is None:
-            return axis, np.ones(squeezed, dtype=bool)
+            return axis, np.ones(x.shape, dtype=bool)
         if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
-            raise TypeError(f"mask must be bool or integer, got dtype {mask.dtype.name}")
-        keepdim = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
-        if mask.shape == keepdim and mask.shape != squeezed:
-            mask = mask.reshape(squeezed)
-        if mask.shape != squeezed:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not fit x shape {tuple(x.shape)}: "
-                f"expected {squeezed} or {keepdim}"
+            raise TypeError(
+                f"mask must be bool or integer, got dtype {mask.dtype.name}: "
+                "make a bool mask first, e.g. mask > 0 or mask.astype(bool)"
             )
-        return axis, mask != 0
+        return axis, ref.mask_elements(mask, x.shape, axis)
 
     def _cfg(self, axis: int) -> ref.RefConfig:
         return ref.RefConfig.of(self.config, axis)
@@ -86,6 +79,13 @@ class ReferenceLayer:
         )
         return Output(round_to(y, x_dtype), x_dtype), grads
 
+    def hvp(self, x, x_dtype, mask, dy, v):
+        axis, real = self._check(x, x_dtype, mask)
+        args = (x.astype(np.float64), real, self._full_state(), self._cfg(axis))
+        product = ref.hessian_vector_product(*args, dy.astype(np.float64), v.astype(np.float64))
+        self._run(x, x_dtype, mask, True)
+        return Output(round_to(product, x_dtype), x_dtype)
+
     def get_state(self):
         return {k: v.copy() for k, v in self.state.items()}
 
@@ -97,7 +97,8 @@ class ReferenceLayer:
     def export_portable(self, directory: Path) -> None:
         c = self.config
         config = {"channels": c.channels, "axis": c.axis, "decay": c.decay, "epsilon": c.epsilon,
-                  "center": c.center, "scale": c.scale, "padded_output": c.padded_output}  # fmt: skip
+                  "center": c.center, "scale": c.scale, "padded_output": c.padded_output,
+                  "moving_var": c.moving_var}  # fmt: skip
         write_portable(directory, config, self.state)
 
     def round_trip(self, directory: Path):
@@ -110,21 +111,20 @@ class ReferenceLayer:
         return loaded
 
 
-def merge_moments(parts: list[tuple[float, np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray, np.ndarray]:
-    """Chan's parallel merge of per-shard (n, mean, M2 = centered sum of squares).
+def merge_moments(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chan's parallel merge of per-shard, per-channel (n, mean, M2 = centered sum of squares).
 
-    Count-weighted and exact: shards with n = 0 contribute nothing. This is
-    what a backend's collective must compute (an all-reduce of n and sum, then
-    of the squares centered on the global mean, gives the same).
+    Count-weighted and exact: shards (or channels) with n = 0 contribute
+    nothing. This is what a backend's collective must compute (an all-reduce of
+    n and sum, then of the squares centered on the global mean, gives the same).
     """
     n, mean, m2 = parts[0]
     for n_b, mean_b, m2_b in parts[1:]:
         total = n + n_b
-        if total == 0:
-            continue
+        share = np.where(total > 0, n_b / np.maximum(total, 1), 0.0)
         delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta**2 * (n * n_b / total)
+        mean = mean + delta * share
+        m2 = m2 + m2_b + delta**2 * n * share
         n = total
     return n, mean, m2
 
@@ -146,29 +146,32 @@ class ReferenceShardedLayer:
         parts, checked = [], []
         for x, mask in zip(xs, masks, strict=True):
             axis, real = self.replica._check(x, x_dtype, mask)
-            rows = ref.to_rows(x.astype(np.float64), axis)[real.reshape(-1)]
-            n = rows.shape[0]
-            mean = rows.mean(axis=0) if n else np.zeros(self.config.channels)
-            m2 = ((rows - mean) ** 2).sum(axis=0) if n else np.zeros(self.config.channels)
-            parts.append((n, mean, m2))
+            mean, var, n = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), ref.to_rows(real, axis))
+            parts.append((n, mean, var * n))
             checked.append((axis, real))
         n, mean, m2 = merge_moments(parts)
-        return checked, n, mean, (m2 / n if n else m2)
+        return checked, n, mean, m2 / np.maximum(n, 1)
 
     def _run(self, xs, x_dtype, masks, training):
         checked, n, mean, var = self._merged(xs, x_dtype, masks)
+        active = (n > 0) & training
         full = self.replica._full_state()
-        if training and n:
-            d = self.config.decay
-            self.replica.set_state({"moving_mean": d * full["moving_mean"] + (1 - d) * mean,
-                                    "moving_var": d * full["moving_var"] + (1 - d) * var})  # fmt: skip
-        # normalize each shard with the merged stats: a training call with them as "moving" stats
-        stats = {"moving_mean": mean, "moving_var": var} if (training and n) else {}
+        d = self.config.decay
+        stored = ref.stored_variance(var, n, self.config.moving_var)
+        self.replica.set_state({
+            "moving_mean": np.where(active, d * full["moving_mean"] + (1 - d) * mean, full["moving_mean"]),
+            "moving_var": np.where(active, d * full["moving_var"] + (1 - d) * stored, full["moving_var"]),
+        })  # fmt: skip
+        # normalize each shard with the merged stats: an inference call with them as "moving" stats
+        state = dict(
+            full,
+            moving_mean=np.where(active, mean, full["moving_mean"]),
+            moving_var=np.where(active, var, full["moving_var"]),
+        )
         results = []
         for x, (axis, real) in zip(xs, checked, strict=True):
-            state = dict(full, **stats)
             y, _, aux = ref.forward(x.astype(np.float64), real, state, self.replica._cfg(axis), False)
-            aux["n"] = n if training else 0
+            aux["n"] = np.where(active, n, 0)
             results.append((axis, y, aux))
         return results
 
@@ -177,29 +180,25 @@ class ReferenceShardedLayer:
 
     def forward_backward(self, xs, x_dtype, masks, dys):
         results = self._run(xs, x_dtype, masks, True)
-        # the global sums of dy and dy * xhat over every shard's real rows
-        dbeta = sum(to_real(dy, aux, axis).sum(axis=0) for (axis, _, aux), dy in zip(results, dys, strict=True))
-        dgamma = sum(
-            (to_real(dy, aux, axis) * aux["xhat"][aux["real"]]).sum(axis=0)
-            for (axis, _, aux), dy in zip(results, dys, strict=True)
-        )
+        cfgs = [self.replica._cfg(axis) for axis, _, _ in results]
+        # each shard's sums of dy and dy * xhat over its real elements, summed over shards
+        local = [ref.backward(dy.astype(np.float64), aux, cfg) for (_, _, aux), dy, cfg in zip(results, dys, cfgs)]
+        dgamma = sum(g for _, g, _ in local)
+        dbeta = sum(b for _, _, b in local)
         outs, dxs = [], []
         for (axis, y, aux), dy in zip(results, dys, strict=True):
-            dx_rows = np.zeros_like(ref.to_rows(dy.astype(np.float64), axis))
-            n = aux["n"]
-            if n:
-                real = aux["real"]
-                dy_real = ref.to_rows(dy.astype(np.float64), axis)[real]
-                dx_rows[real] = (aux["gamma"] * aux["inv_std"]) * (dy_real - dbeta / n - aux["xhat"][real] * dgamma / n)
+            n = np.maximum(aux["n"], 1)
+            dy_real = np.where(aux["real"], ref.to_rows(dy.astype(np.float64), axis), 0.0)
+            xhat = np.where(aux["real"], aux["xhat"], 0.0)
+            dx_rows = (aux["gamma"] * aux["inv_std"]) * (dy_real - dbeta / n - xhat * dgamma / n)
+            dx_rows = np.where(aux["real"] & (aux["n"] > 0), dx_rows, 0.0)
             dxs.append(Output(round_to(ref.from_rows(dx_rows, dy.shape, axis), x_dtype), x_dtype))
             outs.append(Output(round_to(y, x_dtype), x_dtype))
         store = self.replica._store
-        zero = np.zeros(self.config.channels)
-        has_rows = results[0][2]["n"] > 0
         grads = ShardedGradients(
             xs=dxs,
-            gamma=(dgamma if has_rows else zero).astype(store) if self.config.scale else None,
-            beta=(dbeta if has_rows else zero).astype(store) if self.config.center else None,
+            gamma=dgamma.astype(store) if self.config.scale else None,
+            beta=dbeta.astype(store) if self.config.center else None,
         )
         return outs, grads
 
@@ -211,10 +210,6 @@ class ReferenceShardedLayer:
 
     def close(self):
         pass
-
-
-def to_real(dy: np.ndarray, aux: dict, axis: int) -> np.ndarray:
-    return ref.to_rows(dy.astype(np.float64), axis)[aux["real"]]
 
 
 PORTABLE_FORMAT = "maskbn-portable"
@@ -239,6 +234,8 @@ class ReferenceBackend:
     """The float64 oracle, run through the adapter protocol."""
 
     name = "reference"
+    stock_moving_var = "population"
+    forms = ("numpy",)
 
     def layer(self, config: LayerConfig) -> ReferenceLayer:
         return ReferenceLayer(config)

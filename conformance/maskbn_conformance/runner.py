@@ -36,6 +36,11 @@ class Variant:
     eval_mask: str | None = None
     #: split the batch over the case's shards and run the synchronized layer
     sharded: bool = False
+    #: run with this moving-variance convention instead of the case's (parity
+    #: with a stock layer uses the framework's stock convention)
+    moving_var: str | None = None
+    #: the backend form to run in (None: its default)
+    form: str | None = None
 
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in self.__dict__.items() if v not in (None, False)]
@@ -54,6 +59,8 @@ class StepRecord:
     state_after: dict[str, np.ndarray]
     output: Output | None = None
     grads: Gradients | None = None
+    #: hvp steps: d/dx <d/dx sum(y * dy), v>
+    hvp: Output | None = None
     error: BaseException | None = None
     expects_error: dict[str, Any] | None = None
     #: round_trip steps: eval outputs of the layer before and after the trip
@@ -79,7 +86,9 @@ class RefStep:
     dx: np.ndarray | None = None
     dgamma: np.ndarray | None = None
     dbeta: np.ndarray | None = None
-    n: int = 0
+    hvp: np.ndarray | None = None
+    #: per channel: the real elements the batch statistics came from (0: moving stats used)
+    n: np.ndarray | None = None
 
 
 def expand_steps(case: Case) -> list[dict[str, Any]]:
@@ -90,7 +99,7 @@ def expand_steps(case: Case) -> list[dict[str, Any]]:
     return steps
 
 
-def layer_config(case: Case, dtype: str) -> LayerConfig:
+def layer_config(case: Case, dtype: str, variant: Variant = AS_WRITTEN) -> LayerConfig:
     x_spec = case.inputs["x"]
     shape = np.asarray(x_spec["literal"]).shape if "literal" in x_spec else tuple(x_spec["shape"])
     axis = case.param("axis")
@@ -107,6 +116,8 @@ def layer_config(case: Case, dtype: str) -> LayerConfig:
         scale=bool(case.param("scale")),
         padded_output=str(case.param("padded_output")),
         dtype=dtype,
+        moving_var=variant.moving_var or str(case.param("moving_var")),
+        form=variant.form,
     )
 
 
@@ -129,8 +140,9 @@ def step_inputs(case: Case, step: dict[str, Any], index: int, dtype: str, varian
         dtype=dtype,
         fill=variant.fill,
         mask_dtype=variant.mask_dtype,
-        backward=step["call"] == "backward",
+        backward=step["call"] in ("backward", "hvp"),
         seed_offset=index,
+        direction=step["call"] == "hvp",
     )
     if variant.eval_mask and step["call"] == "eval" and inputs.mask is not None:
         # same x (padding included), only the mask argument differs
@@ -147,7 +159,7 @@ def _state_for_layer(state: dict[str, np.ndarray], config: LayerConfig) -> dict[
 
 
 def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_WRITTEN) -> Trace:
-    config = layer_config(case, dtype)
+    config = layer_config(case, dtype, variant)
     trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=variant, config=config)
     try:
         layer = backend.stock_layer(config) if variant.stock else backend.layer(config)
@@ -178,6 +190,11 @@ def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_
                     record.output, record.grads = layer.forward_backward(
                         inputs.x, inputs.x_dtype, inputs.mask, inputs.dy
                     )
+                elif step["call"] == "hvp":
+                    hvp = getattr(layer, "hvp", None)
+                    if hvp is None:
+                        raise Unsupported(f"backend {backend.name} has no second derivatives (Layer.hvp)")
+                    record.hvp = hvp(inputs.x, inputs.x_dtype, inputs.mask, inputs.dy, inputs.v)
                 elif step["call"] == "round_trip":
                     record.eval_before = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
                     layer = layer.round_trip(Path(tmp) / f"step{index}")
@@ -201,15 +218,15 @@ def _concat(outputs: list[Output]) -> Output:
     return Output(np.concatenate([o.value for o in outputs], axis=0), outputs[0].dtype)
 
 
-def run_sharded(backend: Backend, case: Case, dtype: str) -> Trace:
+def run_sharded(backend: Backend, case: Case, dtype: str, variant: Variant) -> Trace:
     """The case with every step's batch split over ``case.raw["shards"]`` (batch
     items per shard) and run on the backend's synchronized layer."""
-    config = layer_config(case, dtype)
+    config = layer_config(case, dtype, variant)
     sizes = list(case.raw["shards"])
     make = getattr(backend, "sharded_layer", None)
     if make is None:
         raise Unsupported(f"backend {backend.name} has no synchronized (sharded) layer")
-    trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=Variant(sharded=True), config=config)
+    trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=variant, config=config)
     layer: ShardedLayer = make(config, len(sizes))
     try:
         layer.set_state(_state_for_layer(initial_state(case, config.channels), config))
@@ -252,10 +269,15 @@ def run_reference(case: Case, dtype: str, trace: Trace) -> list[RefStep]:
         if record.expects_error is not None or record.call == "round_trip":
             out.append(RefStep(y=None, state_after=dict(state)))
             continue
-        training = record.call in ("train", "backward")
+        training = record.call in ("train", "backward", "hvp")
+        if record.call == "hvp":
+            inputs = record.inputs
+            hvp = ref.hessian_vector_product(inputs.x64, inputs.real, state, cfg, inputs.dy64, inputs.v64)
         y, state, aux = ref.forward(record.inputs.x64, record.inputs.real, state, cfg, training)
-        refstep = RefStep(y=y, state_after=dict(state), n=int(aux["n"]))
+        refstep = RefStep(y=y, state_after=dict(state), n=aux["n"])
         if record.call == "backward":
             refstep.dx, refstep.dgamma, refstep.dbeta = ref.backward(record.inputs.dy64, aux, cfg)
+        if record.call == "hvp":
+            refstep.y, refstep.hvp = None, hvp
         out.append(refstep)
     return out

@@ -19,6 +19,7 @@ DEFAULT_PARAMS = {
     "scale": True,
     "padded_output": "normalize",
     "axis": -1,
+    "moving_var": "population",
 }
 
 

@@ -23,7 +23,7 @@ class MultipliesByMask(ReferenceLayer):
     def _run(self, x, x_dtype, mask, training):
         axis, real = self._check(x, x_dtype, mask)
         with np.errstate(invalid="ignore", over="ignore"):
-            masked = x.astype(np.float64) * np.expand_dims(real, axis)
+            masked = x.astype(np.float64) * real
             # 0 for finite padding, NaN as soon as one padded value is NaN or Inf
             poison = (ref.to_rows(masked, axis) * 0.0).sum(axis=0)
         axis, y, aux = super()._run(x, x_dtype, mask, training)
@@ -95,7 +95,7 @@ class PlainGradient(ReferenceLayer):
     def forward_backward(self, x, x_dtype, mask, dy):
         out, grads = super().forward_backward(x, x_dtype, mask, dy)
         axis, real = self._check(x, x_dtype, mask)
-        _, var, _ = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), real.reshape(-1))
+        _, var, _ = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), ref.to_rows(real, axis))
         gamma = self._full_state()["gamma"]
         dx = dy.astype(np.float64) * np.reshape(gamma / np.sqrt(var + self.config.epsilon), _channel_view(x, axis))
         return out, Gradients(Output(round_to(dx, x_dtype), x_dtype), grads.gamma, grads.beta)
@@ -106,8 +106,8 @@ class PaddedRowsGetGradient(ReferenceLayer):
 
     def forward_backward(self, x, x_dtype, mask, dy):
         out, grads = super().forward_backward(x, x_dtype, mask, dy)
-        axis, real = self._check(x, x_dtype, mask)
-        padded = ~np.broadcast_to(np.expand_dims(real, axis), x.shape)
+        _, real = self._check(x, x_dtype, mask)
+        padded = ~real
         dx = np.where(padded, 1.0, grads.x.value)
         return out, Gradients(Output(round_to(dx, x_dtype), x_dtype), grads.gamma, grads.beta)
 
@@ -143,18 +143,17 @@ class NoMaskUsesOtherEpsilon(ReferenceLayer):
 
 
 class UnbiasedMovingVar(ReferenceLayer):
-    """Stores the unbiased (n - 1) variance in moving_var, as torch's stock BN does."""
+    """Stores the unbiased n/(n - 1) variance in moving_var whatever the config says."""
 
-    def _run(self, x, x_dtype, mask, training):
-        axis, real = self._check(x, x_dtype, mask)
-        before = self._full_state()
-        axis, y, aux = super()._run(x, x_dtype, mask, training)
-        n = int(real.sum())
-        if training and n > 1:
-            _, var, _ = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), real.reshape(-1))
-            d = self.config.decay
-            self.state["moving_var"] = (d * before["moving_var"] + (1 - d) * var * n / (n - 1)).astype(self._store)
-        return axis, y, aux
+    def _cfg(self, axis):
+        return dataclasses.replace(super()._cfg(axis), moving_var="unbiased")
+
+
+class PopulationMovingVar(ReferenceLayer):
+    """Stores the population variance whatever the config says (the knob ignored)."""
+
+    def _cfg(self, axis):
+        return dataclasses.replace(super()._cfg(axis), moving_var="population")
 
 
 class EvalUsesBatchStats(ReferenceLayer):
@@ -213,7 +212,7 @@ class AveragesShardMeans(ReferenceShardedLayer):
         checked, n, _, _ = super()._merged(xs, x_dtype, masks)
         means, variances = [], []
         for x, (axis, real) in zip(xs, checked, strict=True):
-            rows = ref.to_rows(x.astype(np.float64), axis)[real.reshape(-1)]
+            rows = ref.to_rows(x.astype(np.float64), axis)[ref.to_rows(real, axis)[:, 0]]
             means.append(rows.mean(axis=0) if len(rows) else np.zeros(self.config.channels))
             variances.append(rows.var(axis=0) if len(rows) else np.zeros(self.config.channels))
         return checked, n, np.mean(means, axis=0), np.mean(variances, axis=0)
@@ -262,3 +261,77 @@ class StockCheckpointLosesMovingVar(ReferenceBackend):
         layer = super().from_stock_checkpoint(stock, directory)
         layer.set_state({"moving_var": np.ones(layer.config.channels)})
         return layer
+
+
+class PortableForgetsMovingVar(ReferenceBackend):
+    """Imports the portable format but ignores its moving_var key (always population)."""
+
+    name = "broken-PortableForgetsMovingVar"
+
+    def import_portable(self, directory):
+        layer = super().import_portable(directory)
+        loaded = ReferenceLayer(dataclasses.replace(layer.config, moving_var="population"))
+        loaded.set_state(layer.state)
+        return loaded
+
+
+class AmbiguousMaskAsLeading(ReferenceLayer):
+    """Reads a rank(x)-1 mask that fits both readings as Keras's leading axes (the rule: positions)."""
+
+    def _check(self, x, x_dtype, mask):
+        axis, real = super()._check(x, x_dtype, mask)
+        if mask is not None and mask.ndim == x.ndim - 1 and mask.shape == x.shape[:-1]:
+            real = np.broadcast_to(np.expand_dims(mask != 0, -1), x.shape)
+        return axis, real
+
+
+class OneCountForAllChannels(ReferenceLayer):
+    """Counts a position as real if any channel is: a per-channel mask collapses to per position."""
+
+    def _check(self, x, x_dtype, mask):
+        axis, real = super()._check(x, x_dtype, mask)
+        return axis, np.broadcast_to(real.any(axis=axis, keepdims=True), x.shape)
+
+
+class DetachedSecondOrder(ReferenceLayer):
+    """Double backward through a detached first gradient: the Hessian-vector product is 0."""
+
+    def hvp(self, x, x_dtype, mask, dy, v):
+        out = super().hvp(x, x_dtype, mask, dy, v)
+        return Output(np.zeros_like(out.value), x_dtype)
+
+
+class NaiveFloat32Mean(ReferenceLayer):
+    """Sums the real rows in float32, one row after another, and divides by n: fine for
+    small batches, off by many ulps (and sigmas) for 1e5 rows around 1e6."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        rows, real_rows = ref.to_rows(x.astype(np.float32), axis), ref.to_rows(real, axis)
+        n = real_rows.sum(axis=0)
+        total = np.zeros(rows.shape[1], np.float32)
+        for block in np.array_split(np.where(real_rows, rows, np.float32(0)), max(len(rows) // 4096, 1)):
+            # numpy sums along axis 0 row after row (no pairwise tree): the naive float32 sum
+            total = total + np.add.reduce(block, axis=0, dtype=np.float32)
+        mean = (total / np.maximum(n, 1).astype(np.float32)).astype(np.float64)
+        state = self._full_state()
+        y, new_state, aux = ref.forward(x.astype(np.float64), real, state, self._cfg(axis), training)
+        if training:
+            d = self.config.decay
+            new_state["moving_mean"] = np.where(n > 0, d * state["moving_mean"] + (1 - d) * mean, state["moving_mean"])
+            shifted = dict(state, moving_mean=new_state["moving_mean"], moving_var=new_state["moving_var"])
+            cfg = dataclasses.replace(self._cfg(axis), decay=1.0)
+            y, _, aux = ref.forward(x.astype(np.float64), real, shifted, cfg, False)
+        self.state = {k: new_state[k].astype(self._store) for k in self.state}
+        return axis, y, aux
+
+
+class CompiledFormOffByOne(ReferenceBackend):
+    """Right in its default form, wrong (outputs +1e-2) in its second, "compiled" form:
+    the form axis must show that on its own ids."""
+
+    name = "broken-CompiledFormOffByOne"
+    forms = ("eager", "compiled")
+
+    def layer(self, config):
+        return OffsetOutput(config) if config.form == "compiled" else ReferenceLayer(config)

@@ -53,7 +53,7 @@ class OnePassVarianceLayer(ReferenceLayer):
     def _run(self, x, x_dtype, mask, training):
         before = self._full_state()["moving_var"]
         axis, y, aux = super()._run(x, x_dtype, mask, training)
-        real_rows = ref.to_rows(x.astype(np.float32), axis)[aux["real"]]
+        real_rows = ref.to_rows(x.astype(np.float32), axis)[aux["real"][:, 0]]  # the fuzz masks rows
         if training and len(real_rows):
             mean = real_rows.mean(axis=0, dtype=np.float32)
             var = np.maximum((real_rows * real_rows).mean(axis=0, dtype=np.float32) - mean * mean, 0)
@@ -70,7 +70,7 @@ class Float16Statistics(ReferenceLayer):
             x = np.clip(x, -65504, 65504).astype(np.float16)
             axis, real = self._check(x, x_dtype, mask)
             rows = ref.to_rows(x, axis)
-            kept = rows[real.reshape(-1)]
+            kept = rows[ref.to_rows(real, axis)[:, 0]]
             before = self._full_state()
             out_axis, y, aux = super()._run(x.astype(np.float32), x_dtype, mask, training)
             if training and len(kept):
@@ -186,10 +186,11 @@ def test_repro_snippet_runs():
 
 
 def test_bad_input_kinds_cover_the_issue():
-    assert set(fuzz.BAD_INPUT_KINDS) >= {"mask-shape", "float32-mask", "channels", "int32-x", "zero-size", "axis"}
+    assert set(fuzz.BAD_INPUT_KINDS) >= {"mask-shape", "float32-mask", "channels", "int32-x", "axis"}
     shapes = dict(fuzz._wrong_mask_shapes((4, 8), (4, 8, 3), 2))
-    # never a shape the contract accepts, and the mask over the channel axis is among them
-    assert (4, 8) not in shapes and (4, 8, 1) not in shapes and (4, 8, 3) in shapes and (32,) in shapes
+    # never a shape the contract accepts (positions, size-1 channel, broadcastable, x's own shape)
+    accepted = [(4, 8), (4, 8, 1), (4, 8, 3), (1, 8, 3), (4, 1, 1), (1, 1, 1)]
+    assert not set(accepted) & set(shapes) and (4, 8, 4) in shapes and (32,) in shapes
 
 
 def test_known_bugs_name_real_kinds():
@@ -211,3 +212,23 @@ def test_cli_report_prints_reliability_summary(tmp_path):
     payload = json.loads((tmp_path / "conformance.json").read_text())
     reliability = payload["backends"]["reference"]["reliability"]
     assert reliability["failures"] == 0 and reliability["inputs_tried"] >= 9
+
+
+def test_differential_samples_at_scale_and_runs_in_a_form():
+    """In a form, the differential property builds its layers there (a backend wrong only in
+    that form is falsified), and at-scale examples hold >= 1e5 real rows."""
+    from broken_backends import CompiledFormOffByOne
+
+    from maskbn_conformance.harness import LoadedBackend
+
+    backend = CompiledFormOffByOne()
+    loaded = LoadedBackend(backend.name, backend, [])
+    few = settings(fuzz.ci_settings(4), report_multiple_bugs=False, phases=(Phase.explicit, Phase.generate))
+    fuzz.run_property("differential", loaded, few, form="eager", scale_share=2)
+    with pytest.raises(fuzz.CheckFailed, match="fuzz property 'differential' falsified"):
+        fuzz.run_property("differential", loaded, few, form="compiled", scale_share=2)
+    example = fuzz._scale_example("float32").example()
+    lengths = example.case["inputs"]["mask"]["lengths"]
+    assert example.case["expect"] == list(fuzz.SCALE_INVARIANTS) and min(lengths) >= 1
+    big = [fuzz._scale_example("float32").example() for _ in range(20)]
+    assert any(sum(e.case["inputs"]["mask"]["lengths"]) >= 100_000 for e in big)

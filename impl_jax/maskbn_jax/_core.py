@@ -13,7 +13,6 @@ Naming follows Flax: ``params = {"scale", "bias"}`` (gamma, beta) and
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,8 +56,9 @@ def init(
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    """Static (hashable) configuration of one call, passed to the custom_vjp."""
+    """Static (hashable) configuration of one call."""
 
+    axis: int  # the channel axis (non-negative)
     axes: tuple[int, ...]  # reduction axes: every axis but the channel axis
     bshape: tuple[int, ...]  # per-channel vectors reshaped to broadcast against x
     epsilon: float
@@ -95,11 +95,65 @@ def channel_mismatch(x_shape, axis: int, what: str, shape) -> ValueError:
     )
 
 
+def mask_layout(mask_shape: Sequence[int], x_shape: Sequence[int], axis: int) -> tuple[int, ...]:
+    """The same-rank shape a mask of ``mask_shape`` is read as, for x of ``x_shape`` (channel ``axis``).
+
+    Accepted, in this order (the first reading that fits wins):
+
+    (a) x's shape without the channel axis, or with a size-1 channel axis: one
+        flag per position, shared by every channel;
+    (b) Keras' convention: ``x.shape[:-1]`` (rank(x) - 1), covering x's leading
+        axes and broadcast over the last one. With the channel axis last this is
+        (a); with another channel axis the mask varies along the channels;
+    (c) Flax's convention: same rank as x, each dim 1 or x's, broadcast.
+
+    A rank(x) - 1 shape that fits both (a) and (b) is read as (a); write it as
+    ``x.shape[:-1] + (1,)`` for (b). Anything else raises ValueError.
+    """
+    x_shape, mask_shape = _shape(x_shape), _shape(mask_shape)
+    without = x_shape[:axis] + x_shape[axis + 1 :]
+    with_one = x_shape[:axis] + (1,) + x_shape[axis + 1 :]
+    if mask_shape in (without, with_one):
+        return with_one
+    if mask_shape == x_shape[:-1]:
+        return mask_shape + (1,)
+    if len(mask_shape) == len(x_shape) and all(m in (1, d) for m, d in zip(mask_shape, x_shape)):
+        return mask_shape
+    raise ValueError(
+        f"mask shape {mask_shape} does not fit x shape {x_shape} with channel axis {axis}: expected "
+        f"{without} or {with_one} (one flag per position), {x_shape[:-1]} (Keras: x's leading axes), "
+        f"or a rank-{len(x_shape)} shape that broadcasts to {x_shape} (Flax)"
+    )
+
+
+def flax_mask(mask, x_shape: Sequence[int], axis: int):
+    """A mask as Flax's BatchNorm reads it: any shape that broadcasts to x under NumPy's rules.
+
+    A lower-rank mask that none of :func:`mask_layout`'s readings fits is
+    aligned with x's trailing axes (NumPy broadcasting, e.g. a ``(C,)`` mask of
+    channels); every other mask is passed on unchanged, so where a shape fits
+    both NumPy's and reading (a) or (b), that reading wins, as everywhere."""
+    if mask is None:
+        return mask
+    mask_shape = _shape(np.shape(mask))
+    if len(mask_shape) >= len(x_shape):
+        return mask
+    try:
+        mask_layout(mask_shape, x_shape, axis)
+        return mask
+    except ValueError:
+        padded = (1,) * (len(x_shape) - len(mask_shape)) + mask_shape
+        if all(m in (1, d) for m, d in zip(padded, x_shape)):
+            return jnp.reshape(jnp.asarray(mask), padded)
+        raise
+
+
 def _validate(x, mask, params, state, axis, padded_output, training):
     """Check everything that can be checked from shapes and dtypes alone.
 
-    Returns ``(x, m, axis)`` with ``m`` a bool array broadcastable to ``x``
-    (size 1 on the channel axis), or None when there is no mask.
+    Returns ``(x, m, axis)`` with ``m`` a bool array of x's shape with the
+    channel axis 1 (one flag per position) or C (a mask that varies along the
+    channels), or None when there is no mask.
     """
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be a Python bool (it selects what is traced), got {type(training).__name__}")
@@ -108,6 +162,11 @@ def _validate(x, mask, params, state, axis, padded_output, training):
     # dtypes are checked on what the caller passed: jnp.asarray would first turn a NumPy int64 or
     # float64 array into int32 / float32 (JAX without x64) and the error would name the wrong dtype
     x_dtype = _given_dtype(x)
+    if jnp.issubdtype(x_dtype, jnp.complexfloating):
+        raise TypeError(
+            f"x dtype {x_dtype.name} is complex (x shape {_shape(np.shape(x))}): masked batch norm is defined "
+            "for real inputs only; normalize the real and imaginary parts as separate channels instead"
+        )
     if not jnp.issubdtype(x_dtype, jnp.floating):
         raise TypeError(
             f"x dtype {x_dtype.name} is not a floating dtype (x shape {_shape(np.shape(x))}); "
@@ -115,9 +174,6 @@ def _validate(x, mask, params, state, axis, padded_output, training):
         )
     x = jnp.asarray(x)
     axis = channel_axis(x.shape, axis)
-    if x.size == 0:
-        # the spec's choice: an empty *mask* falls back to the moving stats, an empty *batch* is an error
-        raise ValueError(f"x shape {_shape(x.shape)} has no elements: masked batch norm needs a non-empty batch")
     channels = x.shape[axis]
     for where, tree in (("params", params), ("state", state)):
         for key, value in tree.items():
@@ -134,23 +190,18 @@ def _validate(x, mask, params, state, axis, padded_output, training):
     if not (mask_dtype == np.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
         raise TypeError(
             f"mask dtype {mask_dtype.name} is not bool or an integer dtype; pass a bool mask "
-            "(non-zero = real row), e.g. mask > 0.5"
+            "(non-zero = real row), e.g. mask > 0.5 or mask.astype(bool)"
         )
     mask = jnp.asarray(mask)
-    without = x.shape[:axis] + x.shape[axis + 1 :]
-    with_one = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
-    if mask.shape not in (without, with_one):
-        raise ValueError(
-            f"mask shape {_shape(mask.shape)} does not fit x shape {_shape(x.shape)} with channel axis "
-            f"{axis}: expected {_shape(without)} or {_shape(with_one)}"
-        )
+    layout = mask_layout(mask.shape, x.shape, axis)
     # every mask dtype goes through the same int32 compare: XLA:CPU's fused reductions then get the
     # same code whatever the mask's dtype (a bool mask read directly vectorizes differently and moves
     # results by an ulp), so int masks give bit-for-bit the bool mask's results
     if mask.dtype.itemsize > 4:
         mask = mask != 0  # a 64-bit int would wrap to 0 when narrowed (2**32 -> 0)
-    m = mask.astype(jnp.int32) != 0
-    return x, m.reshape(with_one), axis
+    m = (mask.astype(jnp.int32) != 0).reshape(layout)
+    target = tuple(x.shape[a] if a != axis or layout[axis] != 1 else 1 for a in range(x.ndim))
+    return x, jnp.broadcast_to(m, target), axis
 
 
 def _psum(tree, cfg: _Config):
@@ -165,51 +216,67 @@ def _sel(m, a, b):
 
 
 def _count(x, m, cfg: _Config):
-    # counted in int32 (exact to 2**31 positions), float only after the sum
+    """Real positions per channel (broadcastable to x), counted in int32 (exact to 2**31)."""
     if m is None:
-        n = jnp.asarray(int(np.prod([x.shape[a] for a in cfg.axes])), jnp.int32)
+        return jnp.full((1,) * x.ndim, int(np.prod([x.shape[a] for a in cfg.axes])), jnp.int32)
+    return jnp.sum(m, axis=cfg.axes, keepdims=True, dtype=jnp.int32)
+
+
+def _shift(xc, m, n_local, cfg: _Config):
+    """Per channel, the value of the first real position of x (0 where there is none): the
+    shift of the single-pass moments. A constant for autodiff (the moments do not depend on it)."""
+    if m is None:
+        first = tuple(slice(None) if a == cfg.axis else slice(0, 1) for a in range(xc.ndim))
+        return jax.lax.stop_gradient(xc[first])
+    channels = xc.shape[cfg.axis]
+    rest = tuple(d for a, d in enumerate(xc.shape) if a != cfg.axis)
+    if m.shape[cfg.axis] == 1:
+        # one flag per position: one argmax over the mask, shared by every channel
+        flat = jnp.argmax(m.reshape(-1))
     else:
-        n = jnp.sum(m, dtype=jnp.int32)
-    return n
+        flat = jnp.argmax(jnp.moveaxis(m, cfg.axis, 0).reshape(channels, -1), axis=1)
+    coords = iter(jnp.unravel_index(flat.astype(jnp.int32), rest))
+    idx = tuple(jnp.arange(channels) if a == cfg.axis else next(coords) for a in range(xc.ndim))
+    shift = xc[idx].reshape(cfg.bshape)
+    return jax.lax.stop_gradient(jnp.where(n_local > 0, shift, 0))
 
 
-def _varying(v, cfg: _Config):
-    """Under ``axis_name``, type ``v`` as varying over the mapped axis (a no-op on its value).
+def _moments(xc, m, cfg: _Config):
+    """Single pass, shifted by a real row: ``(n_local, n, shift, d, mean, delta, var)`` per
+    channel (``d`` the shifted x on real rows, ``delta = mean - shift``).
 
-    The custom_vjp rules below are per-device: they return per-device partial
-    cotangents for every input, so every input must be per-device (varying)
-    too. A ``where`` on the (varying) device index does that on any JAX
-    version, and its transpose is the ``psum`` that gathers those partials for
-    replicated inputs (params, global statistics) under shard_map's
-    varying-axis typing, exactly as plain autodiff would.
-    """
-    if cfg.axis_name is None or v is None:
-        return v
-    return jnp.where(jax.lax.axis_index(cfg.axis_name) >= 0, v, v)
-
-
-def _moments(xc, m, cfg: _Config, centered_sums):
-    """Count-weighted ``(n, mean, var)`` over the real positions, merged
-    over ``cfg.axis_name``: psum of (n, sum) gives the global mean, then psum
-    of the centered sums around that global mean gives the exact global
-    variance (uneven and empty shards included).
-
-    Corrected two-pass variance: ``sum(d^2)/n - (sum(d)/n)^2`` with
-    ``d = x - mean`` on real rows; never ``E[x^2] - E[x]^2``.
+    With ``d = x - shift`` on real rows (exact where x and shift are within a
+    factor 2 of each other, and O(std) for any real row), one fused pass
+    reduces ``sum d`` and ``sum d^2``; the batch mean is ``shift + delta``,
+    ``delta = sum d / n`` being small and accurate, and the variance
+    ``sum d^2 / n - delta^2`` loses only ``((shift - mean) / std)^2`` ulps.
+    Under ``axis_name``, per-device (n, sum x, sums around the device's shift)
+    are merged by ``psum`` with count weights and re-centred on the global mean
+    (Chan et al.), whose residual sum corrects the mean itself.
     """
     n_local = _count(xc, m, cfg)
-    n, s = _psum((n_local, jnp.sum(_sel(m, xc, 0), axis=cfg.axes, keepdims=True)), cfg)
-    denom = jnp.maximum(n, 1).astype(cfg.compute_dtype)
-    mean = s / denom
-    q, c = _psum(centered_sums(cfg, xc, m, _varying(mean, cfg), n_local), cfg)
-    var = jnp.maximum(q / denom - jnp.square(c / denom), 0)
-    return n, mean, var
-
-
-def _centered_sums_plain(cfg: _Config, xc, m, mean, n_local):
-    """Per-device ``(sum d^2, sum d)`` over real rows, ``d = x - mean``."""
-    d = _sel(m, xc - mean, 0)
-    return jnp.sum(d * d, axis=cfg.axes, keepdims=True), jnp.sum(d, axis=cfg.axes, keepdims=True)
+    shift = _shift(xc, m, n_local, cfg)
+    d = _sel(m, xc - shift, 0)
+    s = jnp.sum(d, axis=cfg.axes, keepdims=True)
+    q = jnp.sum(d * d, axis=cfg.axes, keepdims=True)
+    nf_local = n_local.astype(cfg.compute_dtype)
+    if cfg.axis_name is None:
+        n, denom = n_local, jnp.maximum(nf_local, 1)
+        delta = s / denom
+        mean = shift + delta
+        var = q / denom - jnp.square(delta)
+    else:
+        n, total = _psum((n_local, nf_local * shift + s), cfg)
+        denom = jnp.maximum(n.astype(cfg.compute_dtype), 1)
+        rounded = total / denom
+        local = rounded - shift  # the global mean, rounded, minus this device's shift
+        q_all, c_all = _psum((q - 2 * local * s + nf_local * jnp.square(local), s - nf_local * local), cfg)
+        residual = c_all / denom
+        # the statistics come from psums only, so they are the same (replicated) value on every device
+        mean = rounded + residual
+        delta = local + residual
+        var = q_all / denom - jnp.square(residual)
+    return n_local, n, shift, d, mean, delta, jnp.maximum(var, 0)
 
 
 def _vec(v, cfg: _Config):
@@ -217,126 +284,66 @@ def _vec(v, cfg: _Config):
     return None if v is None else v.astype(cfg.compute_dtype).reshape(cfg.bshape)
 
 
-def _affine(centered, r, scale, bias):
-    """``scale * centered * r + bias`` with the per-channel factors folded first."""
-    mul = r if scale is None else r * scale
-    y = centered * mul
-    return y if bias is None else y + bias
-
-
-# -- training path with analytic backward rules (the default) -----------------------------------------------
-#
-# Two per-device custom_vjp pieces carry all the full-size work; the per-channel
-# glue between them (psum, mean, var, rsqrt, the empty-mask where, the moving
-# stats) is left to autodiff, so collectives transpose the way JAX defines them.
-# Summed over the pieces, the backward is the textbook one,
-# dx = scale*r*(g - (S1 + xhat*S2)/n) on real rows (plus the terms of the
-# returned batch stats), in one reduction pass and one elementwise pass, and
-# keeps only x, the mask and per-channel vectors as residuals. Every
-# full-size product is behind a ``where`` on the mask, so NaN/Inf in padded
-# rows can never reach a gradient.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _centered_sums(cfg, xc, m, mean, n_local):
-    return _centered_sums_plain(cfg, xc, m, mean, n_local)
-
-
-def _centered_sums_fwd(cfg, xc, m, mean, n_local):
-    q, c = _centered_sums_plain(cfg, xc, m, mean, n_local)
-    return (q, c), (xc, m, mean, c, n_local)
-
-
-def _centered_sums_bwd(cfg: _Config, res, cts):
-    xc, m, mean, c, n_local = res
-    gq, gc = cts
-    dxc = _sel(m, 2 * gq * (xc - mean) + gc, 0)
-    # sum of dxc over real rows, from the forward's own sums: sum(d) = c, count = n_local
-    dmean = -(2 * gq * c + gc * n_local.astype(c.dtype))
-    return dxc, None, dmean, None
-
-
-_centered_sums.defvjp(_centered_sums_fwd, _centered_sums_bwd)
-
-
-def _normalize_plain(cfg: _Config, xc, m, mu, r, scale, bias):
-    y = _affine(xc - mu, r, scale, bias)
-    return _sel(m, y, 0) if cfg.zero_padded else y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _normalize(cfg, xc, m, mu, r, scale, bias, mean):
-    """``scale * (x - mu) * r + bias`` on every row; padded rows are constants for autodiff.
-
-    ``mean`` is the batch mean as ``_moments`` centred on it (``mu`` or, with no real row, unused);
-    only the backward reads it, and sends it no cotangent."""
-    return _normalize_plain(cfg, xc, m, mu, r, scale, bias)
-
-
-def _normalize_fwd(cfg, xc, m, mu, r, scale, bias, mean):
-    # bias is kept only to know whether it exists (its value is never needed)
-    return _normalize_plain(cfg, xc, m, mu, r, scale, bias), (xc, m, mean, r, scale, bias)
-
-
-def _normalize_bwd(cfg: _Config, res, gy):
-    xc, m, mean, r, scale, bias = res
-    g = _sel(m, gy, 0)  # padded output rows send nothing back
-    s1 = jnp.sum(g, axis=cfg.axes, keepdims=True)
-    # centred on the batch mean, the very expression the forward's variance pass reduces, so XLA
-    # computes it once for both: on real rows mu == mean (a real row means n > 0), and with no real
-    # row the select is 0 everywhere whatever it subtracts
-    s2 = jnp.sum(g * _sel(m, xc - mean, 0), axis=cfg.axes, keepdims=True)
+def _gain_offset(r, scale, bias, centre):
+    """``y = (x - c) * gain + offset`` with ``gain = scale * r``, ``offset = bias - centre * gain``."""
     gain = r if scale is None else r * scale
-    dxc = _sel(m, g * gain, 0)
-    dmu = -gain * s1
-    dr = s2 if scale is None else scale * s2
-    dscale = None if scale is None else r * s2
-    dbias = None if bias is None else s1
-    return dxc, None, dmu, dr, dscale, dbias, None
+    offset = -centre * gain
+    return gain, offset if bias is None else offset + bias
 
 
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _train_custom(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
-    xc = _varying(x.astype(cfg.compute_dtype), cfg)
-    n, mean, var = _moments(xc, m, cfg, _centered_sums)
-    has = n > 0  # empty mask: normalize with the moving stats (no Python branch)
-    mu = jnp.where(has, mean, _vec(moving_mean, cfg))
-    r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
-    per_device = functools.partial(_varying, cfg=cfg)
-    y = _normalize(cfg, xc, m, *map(per_device, (mu, r, _vec(scale, cfg), _vec(bias, cfg), mean)))
-    return y.astype(x.dtype), mean, var, n
-
-
-# -- autodiff paths: eval, and the training oracle the tests check the custom_vjp against -------------------
-
-
-def _train_autodiff(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
-    """The training forward written so that plain autodiff gives the contract's
-    gradients: the differentiable path only sees ``where(m, x, 0)`` and padded
-    output rows go through ``stop_gradient``."""
+def _train(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
+    """The training forward; plain JAX, so every derivative (reverse, forward, higher order) is
+    autodiff's. The differentiable path only ever sees real rows (``d`` is 0 on padded rows) and
+    padded output rows go through ``stop_gradient``: padded values never reach a derivative."""
     xc = x.astype(cfg.compute_dtype)
-    n, mean, var = _moments(xc, m, cfg, _centered_sums_plain)
+    n_local, n, shift, d, mean, delta, var = _moments(xc, m, cfg)
+    has = n > 0  # per channel; none real: normalize with the moving stats (no Python branch)
+    r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
+    # normalized around this device's shift where it holds a real row, else around the mean used
+    local = n_local > 0
+    centre = jnp.where(local, jax.lax.stop_gradient(shift), jnp.where(has, mean, _vec(moving_mean, cfg)))
+    gain, offset = _gain_offset(r, _vec(scale, cfg), _vec(bias, cfg), jnp.where(local, delta, 0))
+    real = d * gain + offset
+    if m is None:
+        y = real
+    elif cfg.zero_padded:
+        y = jnp.where(m, real, 0)
+    else:
+        y = jnp.where(m, real, jax.lax.stop_gradient((xc - centre) * gain + offset))
+    return y, mean, var, n
+
+
+def _train_two_pass(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
+    """An independent formulation for the tests: the textbook two-pass moments (mean, then
+    squares around it), normalized around the mean. Same contract, different arithmetic."""
+    xc = x.astype(cfg.compute_dtype)
+    n_local = _count(xc, m, cfg)
+    n, total = _psum((n_local, jnp.sum(_sel(m, xc, 0), axis=cfg.axes, keepdims=True)), cfg)
+    denom = jnp.maximum(n, 1).astype(cfg.compute_dtype)
+    mean = total / denom
+    dm = _sel(m, xc - mean, 0)
+    q, c = _psum((jnp.sum(dm * dm, axis=cfg.axes, keepdims=True), jnp.sum(dm, axis=cfg.axes, keepdims=True)), cfg)
+    var = jnp.maximum(q / denom - jnp.square(c / denom), 0)
     has = n > 0
     mu = jnp.where(has, mean, _vec(moving_mean, cfg))
     r = jax.lax.rsqrt(jnp.where(has, var, _vec(moving_var, cfg)) + cfg.epsilon)
-    y = _output(cfg, xc, m, mu, r, _vec(scale, cfg), _vec(bias, cfg))
-    return y.astype(x.dtype), mean, var, n
+    return _output(cfg, xc, m, mu, r, _vec(scale, cfg), _vec(bias, cfg)), mean, var, n
 
 
 def _output(cfg: _Config, xc, m, mu, r, scale, bias):
-    real = _affine(_sel(m, xc, 0) - mu, r, scale, bias)
+    """``(x - mu) * r * scale + bias``, centred first (folding ``mu`` into the offset would cancel
+    catastrophically for |mean| >> std); padded rows are constants for autodiff."""
+    gain, offset = _gain_offset(r, scale, bias, 0)
+    real = (_sel(m, xc, mu) - mu) * gain + offset
     if m is None:
         return real
-    padded = jnp.zeros((), real.dtype) if cfg.zero_padded else jax.lax.stop_gradient(_affine(xc - mu, r, scale, bias))
+    padded = jnp.zeros((), real.dtype) if cfg.zero_padded else jax.lax.stop_gradient((xc - mu) * gain + offset)
     return jnp.where(m, real, padded)
 
 
 def _eval(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
-    xc = x.astype(cfg.compute_dtype)
     r = jax.lax.rsqrt(_vec(moving_var, cfg) + cfg.epsilon)
-    return _output(cfg, xc, m, _vec(moving_mean, cfg), r, _vec(scale, cfg), _vec(bias, cfg)).astype(x.dtype)
+    return _output(cfg, x.astype(cfg.compute_dtype), m, _vec(moving_mean, cfg), r, _vec(scale, cfg), _vec(bias, cfg))
 
 
 # -- public entry point -------------------------------------------------------------------------------------
@@ -353,16 +360,24 @@ def masked_batch_norm(
     epsilon: float = 1e-5,
     axis: int = -1,
     padded_output: str = "normalize",
+    unbiased_var: bool = False,
+    dtype: Any = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
 ) -> tuple[Array, State]:
     """Batch norm whose batch statistics come only from the real rows of ``x``.
 
     Args:
-      x: float16, bfloat16, float32 or float64 input with a channel axis.
-      mask: bool or integer array, non-zero = real. Its shape is ``x.shape``
-        without the channel axis, or ``x.shape`` with the channel axis set to 1;
-        nothing else broadcasts. ``None`` means every row is real (plain BN).
+      x: float16, bfloat16, float32 or float64 input with a channel axis
+        (complex input raises TypeError). A dimension of size 0 gives an empty
+        output and the state unchanged.
+      mask: bool or integer array, non-zero = real; ``None`` means every row is
+        real (plain BN). Shapes (see :func:`mask_layout`): x's shape without the
+        channel axis or with it set to 1; ``x.shape[:-1]`` (Keras); any shape of
+        x's rank that broadcasts to x (Flax). Where the mask varies along the
+        channel axis the statistics are per channel over that channel's real
+        positions, and a channel with none keeps its moving stats and is
+        normalized with them.
       params: ``{"scale": (C,), "bias": (C,)}``; either key may be absent
         (``use_scale`` / ``use_bias`` off). See :func:`init`.
       state: ``{"mean": (C,), "var": (C,)}``, the moving statistics (Flax's
@@ -372,28 +387,34 @@ def masked_batch_norm(
         with the moving stats and leave them unchanged. False: normalize with
         the moving stats, return the state unchanged.
       momentum: Flax convention, the decay: ``moving = momentum * moving +
-        (1 - momentum) * batch`` (population variance).
+        (1 - momentum) * batch``.
       epsilon: added to the variance before ``rsqrt``.
       axis: the channel axis of ``x``.
       padded_output: ``"normalize"`` (padded rows normalized like real ones)
         or ``"zero"`` (padded rows exactly 0).
+      unbiased_var: the moving variance's convention. False (Flax's, Keras'):
+        the population variance of the batch; True (PyTorch's): ``n / (n - 1)``
+        times it, n the real count (the factor is 1 for n = 1). Normalization
+        always uses the population variance.
+      dtype: the output dtype; None: x's dtype.
       axis_name: under ``shard_map``/``pmap``, the mapped axis to merge the
-        statistics over: per-device (n, sum) and then the centered sums around
-        the global mean are summed with ``psum``, so uneven (even empty) shards
-        give the statistics of the unsharded batch.
+        statistics over with count weights (``psum``), so uneven (even empty)
+        shards give the statistics of the unsharded batch.
       axis_index_groups: as for ``jax.lax.psum``.
 
     Returns:
-      ``(y, new_state)``: ``y`` has the dtype of ``x``; the moving stats keep
-      the dtype of ``state``. Statistics and the normalization are computed in
-      float32 (float64 if ``x`` or the state is float64).
+      ``(y, new_state)``: the moving stats keep the dtype of ``state``.
+      Statistics and the normalization are computed in float32 (float64 if
+      ``x`` or the state is float64), in one pass over x shifted by a real row
+      (accurate for |mean| / std up to 1e6 and beyond).
 
-    Padded output rows are constants for autodiff: ``d loss / d x`` is exactly
-    0 on padded rows for any loss, and padded values (NaN, Inf, ...) never
-    reach real outputs, the moving stats, or any gradient.
+    Every derivative is autodiff's (``grad``, ``jvp``, ``hessian``, ...).
+    Padded output rows are constants for autodiff: ``d y / d x`` is exactly 0
+    on padded rows, and padded values (NaN, Inf, ...) never reach real outputs,
+    the moving stats, or any derivative.
 
     Raises:
-      TypeError: integer ``x``, float ``mask``, non-bool ``training``.
+      TypeError: integer or complex ``x``, float ``mask``, non-bool ``training``.
       ValueError: a mask shape that does not fit ``x``, a channel count that
         does not match ``params``/``state``, an out-of-range ``axis``.
       All raised while tracing, before anything is computed.
@@ -408,9 +429,10 @@ def masked_batch_norm(
         epsilon=epsilon,
         axis=axis,
         padded_output=padded_output,
+        unbiased_var=unbiased_var,
+        dtype=dtype,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
-        custom_vjp=True,
     )
 
 
@@ -427,16 +449,22 @@ def _masked_batch_norm(
     padded_output,
     axis_name,
     axis_index_groups,
-    custom_vjp,
+    unbiased_var=False,
+    dtype=None,
+    two_pass=False,
 ):
-    """:func:`masked_batch_norm`, with the training backward selectable:
-    ``custom_vjp=False`` differentiates the forward with plain autodiff (the
-    tests use it as an independent oracle for the analytic backward)."""
+    """:func:`masked_batch_norm`; ``two_pass=True`` computes the training call with the
+    textbook two-pass formulation instead (the tests' independent oracle)."""
     x, m, axis = _validate(x, mask, params, state, axis, padded_output, training)
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    if x.size == 0:
+        # contract 1a: an empty batch is not an error; nothing to normalize, nothing learned
+        return jnp.zeros(x.shape, out_dtype), dict(state)
     mm, mv = state["mean"], state["var"]
     compute_dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), mm.dtype)
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     cfg = _Config(
+        axis=axis,
         axes=tuple(a for a in range(x.ndim) if a != axis),
         bshape=tuple(x.shape[axis] if a == axis else 1 for a in range(x.ndim)),
         epsilon=float(epsilon),
@@ -447,17 +475,19 @@ def _masked_batch_norm(
     )
     scale, bias = params.get("scale"), params.get("bias")
     if not training:
-        return _eval(cfg, x, m, scale, bias, mm, mv), dict(state)
-    train = functools.partial(_train_custom, cfg) if custom_vjp else functools.partial(_train_autodiff, cfg)
-    y, mean, var, n = train(x, m, scale, bias, mm, mv)
+        return _eval(cfg, x, m, scale, bias, mm, mv).astype(out_dtype), dict(state)
+    y, mean, var, n = (_train_two_pass if two_pass else _train)(cfg, x, m, scale, bias, mm, mv)
     has = n > 0
+    if unbiased_var:
+        nf = n.astype(compute_dtype)
+        var = var * (nf / jnp.maximum(nf - 1, 1))
 
     def update(moving, batch):
         batch = batch.reshape(moving.shape).astype(compute_dtype)
         new = momentum * moving.astype(compute_dtype) + (1 - momentum) * batch
-        return jnp.where(has, new, moving).astype(moving.dtype)
+        return jnp.where(has.reshape(-1), new, moving).astype(moving.dtype)
 
     new_state = dict(state)
     new_state["mean"] = update(mm, mean)
     new_state["var"] = update(mv, var)
-    return y, new_state
+    return y.astype(out_dtype), new_state

@@ -43,6 +43,16 @@ _X_DTYPES = {
 }
 
 
+def _core_kwargs(config: LayerConfig) -> dict:
+    """masked_batch_norm's keywords for a config (JAX's default variance is the
+    population one: only the other convention is spelled out)."""
+    kw = {"momentum": config.decay, "epsilon": config.epsilon, "axis": config.axis,
+          "padded_output": config.padded_output}  # fmt: skip
+    if config.moving_var == "unbiased":
+        kw["unbiased_var"] = True
+    return kw
+
+
 def _flax_available() -> bool:
     try:
         import flax  # noqa: F401
@@ -107,6 +117,19 @@ class _Base(abc.ABC):
             )
             return self._out(y), grads
 
+    def hvp(self, x, x_dtype, mask, dy, v):
+        with self._x64():
+            x_j, dy_j, v_j = (self._array(a, x_dtype) for a in (x, dy, v))
+
+            def gradient(x_):
+                _, vjp, _ = jax.vjp(lambda a: self._run(a, mask, True), x_, has_aux=True)
+                return vjp(dy_j)[0]
+
+            # reverse over reverse: the gradient of <grad_x, v>
+            product = jax.grad(lambda x_: jnp.sum(gradient(x_) * v_j))(x_j)
+            _, self.state = self._run(x_j, mask, True)
+            return self._out(product)
+
     def get_state(self):
         merged = {**self.params, **self.state}
         return {_FROM_FLAX[k]: np.asarray(v) for k, v in merged.items()}
@@ -143,8 +166,7 @@ class JaxMaskedLayer(_Base):
 
     @functools.cached_property
     def _fns(self):
-        c = self.config
-        kw = {"momentum": c.decay, "epsilon": c.epsilon, "axis": c.axis, "padded_output": c.padded_output}
+        kw = _core_kwargs(self.config)
         return {
             training: jax.jit(functools.partial(masked_batch_norm, training=training, **kw))
             for training in (True, False)
@@ -162,7 +184,7 @@ class JaxMaskedLayer(_Base):
         c = self.config
         serialization.save_portable(
             directory, self.params, self.state, momentum=c.decay, epsilon=c.epsilon, axis=c.axis,
-            padded_output=c.padded_output,
+            padded_output=c.padded_output, **({"unbiased_var": True} if c.moving_var == "unbiased" else {}),
         )  # fmt: skip
 
 
@@ -252,8 +274,7 @@ class JaxShardedLayer:
 
     @functools.cached_property
     def _fns(self):
-        c = self.config
-        kw = {"momentum": c.decay, "epsilon": c.epsilon, "axis": c.axis, "padded_output": c.padded_output}
+        kw = _core_kwargs(self.config)
 
         def build(training):
             body = functools.partial(masked_batch_norm, training=training, axis_name="shards", **kw)
@@ -328,6 +349,9 @@ class JaxBackend:
     """Entry point ``maskbn.backends: jax``."""
 
     name = "jax"
+    stock_moving_var = "population"
+    #: every call goes through jax.jit: JAX's one form (no eager form users run)
+    forms = ("jit",)
 
     def __init__(self):
         request_shard_devices()
@@ -358,6 +382,8 @@ class JaxBackend:
             scale="scale" in params,
             padded_output=kw["padded_output"],
             dtype=dtype,
+            # a file without the key holds the population variance
+            moving_var="unbiased" if kw.get("unbiased_var", False) else "population",
         )
         layer = JaxMaskedLayer(config)
         layer.params, layer.state = params, state

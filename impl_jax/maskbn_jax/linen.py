@@ -4,7 +4,8 @@ Same attributes, variables (``params``: ``scale``, ``bias``; ``batch_stats``:
 ``mean``, ``var``) and call signature
 (``__call__(x, use_running_average=None, *, mask=None)``) as
 ``flax.linen.BatchNorm``, so swapping it in is a one-line change and existing
-``batch_stats`` checkpoints load unchanged. Requires Flax.
+``batch_stats`` checkpoints load unchanged. Requires Flax
+(``pip install 'maskbn-jax[flax]'``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import typing as tp
 
 import jax.numpy as jnp
-from flax import linen as nn
 
-from ._core import channel_axis, channel_mismatch, masked_batch_norm
+from ._core import channel_axis, channel_mismatch, flax_mask, masked_batch_norm
+from ._flax_dialect import check_use_running_average, require_flax, result_dtype
+
+nn = require_flax("linen")
 
 __all__ = ["BatchNorm", "MaskedBatchNorm"]
 
@@ -28,18 +31,25 @@ class MaskedBatchNorm(nn.Module):
       axis: the channel axis.
       momentum: decay of the moving stats (0.99).
       epsilon: added to the variance.
-      dtype: output dtype; None (default) keeps the input's dtype (statistics
-        and arithmetic run in float32 for float16/bfloat16 input).
-      param_dtype: dtype of ``scale``/``bias``; the moving stats are float32,
-        or float64 when ``param_dtype`` is float64.
+      dtype: the output dtype, as in ``nn.BatchNorm``; None infers it from x
+        and the params (a bfloat16 x with float32 params gives float32).
+        Statistics and arithmetic run in at least float32.
+      param_dtype: dtype of ``scale``/``bias``.
+      force_float32_reductions: as in ``nn.BatchNorm``, the dtype of the
+        ``batch_stats``: True (default) float32 (float64 when ``param_dtype``
+        is float64), False ``param_dtype``. The reductions themselves always
+        run in at least float32 (the contract's accuracy needs it).
       use_bias, use_scale: create ``bias`` / ``scale``.
       bias_init, scale_init: initializers (zeros, ones).
       axis_name, axis_index_groups: merge the statistics over a mapped axis
         (``shard_map``/``pmap``) with count weights; not used while
         initializing, as in ``nn.BatchNorm``.
       padded_output: ``"normalize"`` or ``"zero"`` (padded rows of y exactly 0).
+      unbiased_var: store ``n / (n - 1)`` times the batch variance in ``var``
+        (PyTorch's convention); False (default) stores the population
+        variance, as ``nn.BatchNorm``.
       use_fast_variance: accepted so ``nn.BatchNorm`` arguments carry over; the
-        variance is always the accurate corrected two-pass one.
+        variance is always the accurate shifted one (never E[x^2] - E[x]^2).
 
     As in ``nn.BatchNorm``, the moving stats are not updated during ``init``.
     """
@@ -58,20 +68,26 @@ class MaskedBatchNorm(nn.Module):
     axis_index_groups: tp.Any = None
     padded_output: str = "normalize"
     use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    unbiased_var: bool = False
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalize ``x``; with ``use_running_average=False`` update ``batch_stats``
         (make the collection mutable) from the real rows.
 
-        ``mask``: bool/int, ``x.shape`` without the channel axis (or with it set
-        to 1); None means every row is real.
+        ``mask``: bool/int, non-zero = real, of any shape Flax's BatchNorm takes
+        (broadcastable to x) and those of :func:`maskbn_jax.masked_batch_norm`;
+        None means every row is real.
         """
+        check_use_running_average(use_running_average)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         x = jnp.asarray(x)
         axis = channel_axis(x.shape, self.axis)
         shape = (x.shape[axis],)
-        stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        stats_dtype = (
+            jnp.promote_types(self.param_dtype, jnp.float32) if self.force_float32_reductions else self.param_dtype
+        )
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
         state = {"mean": ra_mean.value, "var": ra_var.value}
@@ -86,21 +102,23 @@ class MaskedBatchNorm(nn.Module):
         initializing = self.is_initializing()
         y, new = masked_batch_norm(
             x,
-            mask,
+            flax_mask(mask, x.shape, axis),
             params,
             state,
             training=not use_running_average,
             momentum=self.momentum,
             epsilon=self.epsilon,
-            axis=self.axis,
+            axis=axis,
             padded_output=self.padded_output,
+            unbiased_var=self.unbiased_var,
+            dtype=result_dtype(x, *params.values(), dtype=self.dtype),
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
         )
         if not use_running_average and not initializing:
             ra_mean.value = new["mean"]
             ra_var.value = new["var"]
-        return y if self.dtype is None else y.astype(self.dtype)
+        return y
 
 
 class BatchNorm(MaskedBatchNorm):

@@ -4,7 +4,8 @@ Same constructor arguments, variables (``scale``, ``bias`` as ``nnx.Param``;
 ``mean``, ``var`` as ``nnx.BatchStat``) and call signature
 (``__call__(x, use_running_average=None, *, mask=None)``) as
 ``flax.nnx.BatchNorm``, so swapping it in is a one-line change and
-``model.train()`` / ``model.eval()`` / ``nnx.view`` keep working. Requires Flax.
+``model.train()`` / ``model.eval()`` / ``nnx.view`` keep working. Requires Flax
+(``pip install 'maskbn-jax[flax]'``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from ._core import PADDED_OUTPUTS, masked_batch_norm
+from ._core import PADDED_OUTPUTS, channel_axis, flax_mask, masked_batch_norm
+from ._flax_dialect import check_use_running_average, promote_dtype, require_flax, result_dtype
+
+nnx = require_flax("nnx")
 
 __all__ = ["MaskedBatchNorm"]
 
@@ -31,19 +34,25 @@ class MaskedBatchNorm(nnx.Module):
       axis: the channel axis.
       momentum: decay of the moving stats (Flax convention, 0.99).
       epsilon: added to the variance.
-      dtype: output dtype; None (default) keeps the input's dtype. Unlike
-        ``nnx.BatchNorm``, a float16/bfloat16 input is not promoted to float32
-        by the float32 params: statistics and arithmetic run in float32 and the
-        output is cast back.
+      dtype: as in ``nnx.BatchNorm``: the dtype ``promote_dtype`` casts x, the
+        moving stats and the params to, and the output dtype; None infers it
+        from them (a bfloat16 x with float32 params gives float32).
+        Statistics are always reduced in at least float32.
       param_dtype: dtype of ``scale``/``bias``; the moving stats are float32, or
         float64 when ``param_dtype`` is float64.
+      promote_dtype: as in ``nnx.BatchNorm``: called as
+        ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)`` and
+        returning them cast; the default casts all to one dtype.
       use_bias, use_scale: create ``bias`` / ``scale`` (None otherwise).
       bias_init, scale_init: initializers (zeros, ones).
       axis_name, axis_index_groups: merge the statistics over a mapped axis
         (``shard_map``/``pmap``) with count weights.
       padded_output: ``"normalize"`` or ``"zero"`` (padded rows of y exactly 0).
+      unbiased_var: store ``n / (n - 1)`` times the batch variance in ``var``
+        (PyTorch's convention); False (default) stores the population
+        variance, as ``nnx.BatchNorm``.
       use_fast_variance: accepted so ``nnx.BatchNorm`` arguments carry over;
-        the variance is always the accurate corrected two-pass one.
+        the variance is always the accurate shifted one (never E[x^2] - E[x]^2).
       rngs: ``nnx.Rngs`` for the initializers; may be omitted with the default
         (constant) initializers.
       bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables
@@ -68,6 +77,8 @@ class MaskedBatchNorm(nnx.Module):
         axis_index_groups: tp.Any = None,
         padded_output: str = "normalize",
         use_fast_variance: bool = True,
+        promote_dtype: tp.Callable = promote_dtype,
+        unbiased_var: bool = False,
         rngs: nnx.Rngs | None = None,
         bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
@@ -98,33 +109,45 @@ class MaskedBatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.padded_output = padded_output
         self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.unbiased_var = unbiased_var
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalize ``x``; in training mode update ``mean``/``var`` from the real rows.
 
-        ``mask``: bool/int, ``x.shape`` without the channel axis (or with it set
-        to 1); None means every row is real.
+        ``mask``: bool/int, non-zero = real, of any shape Flax's BatchNorm takes
+        (broadcastable to x) and those of :func:`maskbn_jax.masked_batch_norm`;
+        None means every row is real.
         """
+        check_use_running_average(use_running_average)
         use_running_average = use_running_average if use_running_average is not None else self.use_running_average
         if use_running_average is None:
             raise ValueError(
                 "No use_running_average given: pass it to the constructor or the call, or use train()/eval()"
             )
-        params = {}
-        if self.scale is not None:
-            params["scale"] = self.scale[...]
-        if self.bias is not None:
-            params["bias"] = self.bias[...]
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        stored = {"mean": self.mean[...], "var": self.var[...]}
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, stored["mean"], stored["var"], scale, bias), dtype=self.dtype
+        )
+        out_dtype = result_dtype(x, scale, bias, dtype=self.dtype)
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+        x = jnp.asarray(x)
+        axis = channel_axis(x.shape, self.axis)
         y, new = masked_batch_norm(
             x,
-            mask,
+            flax_mask(mask, x.shape, axis),
             params,
-            {"mean": self.mean[...], "var": self.var[...]},
+            # as nnx.BatchNorm: eval normalizes with the promoted stats, training updates the stored ones
+            {"mean": mean, "var": var} if use_running_average else stored,
             training=not use_running_average,
             momentum=self.momentum,
             epsilon=self.epsilon,
-            axis=self.axis,
+            axis=axis,
             padded_output=self.padded_output,
+            unbiased_var=self.unbiased_var,
+            dtype=out_dtype,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
         )
@@ -132,7 +155,7 @@ class MaskedBatchNorm(nnx.Module):
             # the moving stats are state, not part of what a loss differentiates
             self.mean[...] = jax.lax.stop_gradient(new["mean"])
             self.var[...] = jax.lax.stop_gradient(new["var"])
-        return y if self.dtype is None else y.astype(self.dtype)
+        return y
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``, as for ``nnx.BatchNorm``."""

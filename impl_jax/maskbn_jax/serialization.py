@@ -91,6 +91,7 @@ def from_bytes(data: bytes) -> tuple[dict, dict, dict]:
 
 PORTABLE_FORMAT = "maskbn-portable"
 _PORTABLE_VERSION = 1
+_MOVING_VAR = ("population", "unbiased")
 _TO_NEUTRAL = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_var"}
 
 
@@ -103,13 +104,16 @@ def save_portable(
     epsilon: float,
     axis: int = -1,
     padded_output: str = "normalize",
+    unbiased_var: bool = False,
 ) -> None:
     """Write a layer into ``directory`` in the portable format shared by every maskbn backend.
 
     ``maskbn.json`` holds the config in neutral terms (``decay`` is Flax's
     ``momentum``; ``center``/``scale`` are whether ``bias``/``scale`` exist) and
     ``maskbn.npz`` the arrays under neutral names (``gamma``, ``beta``,
-    ``moving_mean``, ``moving_var`` = population variance), in their own dtype.
+    ``moving_mean``, ``moving_var``), in their own dtype. ``moving_var`` in the
+    config records the moving variance's convention: ``"population"``, or
+    ``"unbiased"`` for a layer run with ``unbiased_var=True``.
     """
     channels = int(np.shape(state["mean"])[0])
     config = {
@@ -122,6 +126,7 @@ def save_portable(
         "center": "bias" in params,
         "scale": "scale" in params,
         "padded_output": padded_output,
+        "moving_var": "unbiased" if unbiased_var else "population",
     }
     arrays = {_TO_NEUTRAL[k]: np.asarray(v) for tree in (params, state) for k, v in tree.items()}
     directory = Path(directory)
@@ -135,13 +140,17 @@ def load_portable(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
 
     Returns ``(params, state, config)`` with ``config`` holding the keyword
     arguments of :func:`maskbn_jax.masked_batch_norm` (``momentum``,
-    ``epsilon``, ``axis``, ``padded_output``). float64 state stays float64 only
-    under ``jax_enable_x64``.
+    ``epsilon``, ``axis``, ``padded_output``, ``unbiased_var``: the file's
+    moving-variance convention, population when the file does not say).
+    float64 state stays float64 only under ``jax_enable_x64``.
     """
     directory = Path(directory)
     config = json.loads((directory / "maskbn.json").read_text())
     if config.get("format") != PORTABLE_FORMAT or config.get("version") != _PORTABLE_VERSION:
         raise ValueError(f"{directory / 'maskbn.json'} is not a version {_PORTABLE_VERSION} {PORTABLE_FORMAT} file")
+    moving_var = config.get("moving_var", "population")
+    if moving_var not in _MOVING_VAR:
+        raise ValueError(f"{directory / 'maskbn.json'}: moving_var must be one of {_MOVING_VAR}, got {moving_var!r}")
     with np.load(directory / "maskbn.npz", allow_pickle=False) as saved:
         arrays = {key: saved[key] for key in saved.files}
     params, state = {}, {}
@@ -161,5 +170,6 @@ def load_portable(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
         "epsilon": config["epsilon"],
         "axis": config["axis"],
         "padded_output": config["padded_output"],
+        "unbiased_var": moving_var == "unbiased",
     }
     return params, state, kwargs

@@ -16,13 +16,15 @@ BOOL_MASK = np.ones((4, 8), bool)
 CASES = [
     ("mask-shape-wrong-length", {"mask": np.ones((4, 7), bool)}, ValueError, ["(4, 7)", "(4, 8, 3)"]),
     (
-        "mask-shape-full-x",
-        {"mask": np.ones((4, 8, 3), bool)},
+        "mask-same-rank-not-broadcastable",
+        {"mask": np.ones((4, 2, 3), bool)},
         ValueError,
-        ["(4, 8, 3)", "(4, 8)", "(4, 8, 1)"],
+        ["(4, 2, 3)", "(4, 8, 3)", "(4, 8)", "(4, 8, 1)", "broadcasts"],
     ),
+    ("mask-rank-too-high", {"mask": np.ones((1, 4, 8, 3), bool)}, ValueError, ["(1, 4, 8, 3)", "(4, 8, 3)"]),
+    ("x-complex64", {"x": X.astype(np.complex64)}, TypeError, ["complex64", "real"]),
     ("mask-shape-too-short", {"mask": np.ones((8,), bool)}, ValueError, ["(8,)", "(4, 8, 3)"]),
-    ("mask-float32", {"mask": BOOL_MASK.astype(np.float32)}, TypeError, ["float32", "mask"]),
+    ("mask-float32", {"mask": BOOL_MASK.astype(np.float32)}, TypeError, ["float32", "mask", "astype(bool)"]),
     # NumPy arrays only at import (here, an ml_dtypes bfloat16 one): a jax array would start JAX's runtime
     # during collection, before the jax conformance backend can ask for its shard devices
     ("mask-bfloat16", {"mask": BOOL_MASK.astype(jnp.bfloat16)}, TypeError, ["bfloat16", "mask"]),

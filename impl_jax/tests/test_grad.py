@@ -1,5 +1,6 @@
-"""Gradients: the analytic custom_vjp against plain autodiff, compacted plain BN and
-finite differences; padded rows are constants; padded garbage never leaks."""
+"""Derivatives: the shifted single-pass layer against the two-pass formulation, compacted
+plain BN and finite differences (reverse, forward and second order); padded rows are
+constants; padded garbage never leaks."""
 
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ GRAD_TOL = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("custom_vjp", "padded_output"))
-def vjp_all(x, m, params, state, dy, *, custom_vjp, padded_output="normalize", stat_weights=None):
+@functools.partial(jax.jit, static_argnames=("two_pass", "padded_output"))
+def vjp_all(x, m, params, state, dy, *, two_pass, padded_output="normalize", stat_weights=None):
     """(Jitted: one compile per test instead of one per eager op.) Gradients of ``sum(y * dy) + w . new_mean + w^2 . new_var`` for x and params."""
 
     def f(x, params):
         y, new = _masked_batch_norm(
-            x, m, params, state, training=True, padded_output=padded_output, custom_vjp=custom_vjp, **CORE_KW
+            x, m, params, state, training=True, padded_output=padded_output, two_pass=two_pass, **CORE_KW
         )
         return y, new
 
@@ -45,15 +46,15 @@ def vjp_all(x, m, params, state, dy, *, custom_vjp, padded_output="normalize", s
     # every mask pattern in float32; the half dtypes on the random mask (their difference is the rounding)
     [("float32", p) for p in ("random", "prefix", "single", "all")] + [(d, "random") for d in ("float16", "bfloat16")],
 )
-def test_custom_vjp_matches_autodiff(rng, dtype, padded_output, pattern):
+def test_single_pass_gradients_match_the_two_pass_formulation(rng, dtype, padded_output, pattern):
     x = jnp.asarray(rng.normal(1.0, 2.0, (4, 10, 6)), DTYPES[dtype])
     m = make_mask(pattern, (4, 10))
     params, state = affine(rng, 6)
     # dy is non-zero on padded rows too: those rows must still send no gradient
     dy = jnp.asarray(rng.normal(size=x.shape), DTYPES[dtype])
     w = jnp.asarray(rng.normal(size=6), jnp.float32)
-    _, _, (dx_c, dp_c) = vjp_all(x, m, params, state, dy, custom_vjp=True, padded_output=padded_output, stat_weights=w)
-    _, _, (dx_a, dp_a) = vjp_all(x, m, params, state, dy, custom_vjp=False, padded_output=padded_output, stat_weights=w)
+    _, _, (dx_c, dp_c) = vjp_all(x, m, params, state, dy, two_pass=False, padded_output=padded_output, stat_weights=w)
+    _, _, (dx_a, dp_a) = vjp_all(x, m, params, state, dy, two_pass=True, padded_output=padded_output, stat_weights=w)
     assert dx_c.dtype == x.dtype and dp_c["scale"].dtype == jnp.float32
     assert np.all(np.asarray(dx_c)[~m] == 0) and np.all(np.asarray(dx_a)[~m] == 0)
     tol = GRAD_TOL[dtype]
@@ -74,13 +75,13 @@ def plain_bn_vjp(x, scale, bias, dy):
     return y, pullback(dy)
 
 
-@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom_vjp", "autodiff"])
-def test_real_row_gradients_equal_plain_bn_on_the_compacted_rows(rng, custom_vjp):
+@pytest.mark.parametrize("two_pass", [False, True], ids=["single-pass", "two-pass"])
+def test_real_row_gradients_equal_plain_bn_on_the_compacted_rows(rng, two_pass):
     x = jnp.asarray(rng.normal(-1.0, 3.0, (5, 8, 4)), jnp.float32)
     m = make_mask("random", (5, 8))
     params, state = affine(rng, 4)
     dy = jnp.where(m[..., None], jnp.asarray(rng.normal(size=x.shape), jnp.float32), 0)
-    y, _, (dx, dp) = vjp_all(x, m, params, state, dy, custom_vjp=custom_vjp)
+    y, _, (dx, dp) = vjp_all(x, m, params, state, dy, two_pass=two_pass)
     real, dy_real = x[m], dy[m]
     y_ref, (dx_ref, ds_ref, db_ref) = jax.jit(plain_bn_vjp)(real, params["scale"], params["bias"], dy_real)
     np.testing.assert_allclose(y[m], y_ref, atol=1e-5)
@@ -89,9 +90,9 @@ def test_real_row_gradients_equal_plain_bn_on_the_compacted_rows(rng, custom_vjp
     np.testing.assert_allclose(dp["bias"], db_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom_vjp", "autodiff"])
+@pytest.mark.parametrize("two_pass", [False, True], ids=["single-pass", "two-pass"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_padded_rows_get_exactly_zero_gradient_for_any_loss(rng, custom_vjp, training):
+def test_padded_rows_get_exactly_zero_gradient_for_any_loss(rng, two_pass, training):
     x = jnp.asarray(rng.normal(size=(3, 7, 2)), jnp.float32)
     m = make_mask("random", (3, 7))
     params, state = affine(rng, 2)
@@ -104,7 +105,7 @@ def test_padded_rows_get_exactly_zero_gradient_for_any_loss(rng, custom_vjp, tra
             state,
             training=training,
             padded_output="normalize",
-            custom_vjp=custom_vjp,
+            two_pass=two_pass,
             **CORE_KW,
         )
         return y**3
@@ -120,13 +121,13 @@ def test_padded_rows_get_exactly_zero_gradient_for_any_loss(rng, custom_vjp, tra
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), dp, dp_real)
 
 
-@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom_vjp", "autodiff"])
-def test_empty_mask_gives_zero_gradients(rng, custom_vjp):
+@pytest.mark.parametrize("two_pass", [False, True], ids=["single-pass", "two-pass"])
+def test_empty_mask_gives_zero_gradients(rng, two_pass):
     x = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
     m = np.zeros((2, 5), bool)
     params, state = affine(rng, 3)
     dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    _, new, (dx, dp) = vjp_all(x, m, params, state, dy, custom_vjp=custom_vjp, stat_weights=jnp.ones(3))
+    _, new, (dx, dp) = vjp_all(x, m, params, state, dy, two_pass=two_pass, stat_weights=jnp.ones(3))
     assert not np.any(np.asarray(dx)) and not np.any(np.asarray(dp["scale"])) and not np.any(np.asarray(dp["bias"]))
     np.testing.assert_array_equal(new["mean"], state["mean"])
 
@@ -152,13 +153,13 @@ def fill_padded(x: np.ndarray, m: np.ndarray, kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", list(GARBAGE))
 @pytest.mark.parametrize("padded_output", ["normalize", "zero"])
-@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom_vjp", "autodiff"])
-def test_padded_garbage_is_isolated_bit_for_bit(rng, kind, padded_output, custom_vjp):
+@pytest.mark.parametrize("two_pass", [False, True], ids=["single-pass", "two-pass"])
+def test_padded_garbage_is_isolated_bit_for_bit(rng, kind, padded_output, two_pass):
     m = make_mask("random", (4, 9))
     x0 = np.where(m[..., None], rng.normal(size=(4, 9, 3)), 0).astype(np.float32)
     params, state = affine(rng, 3)
     dy = jnp.where(m[..., None], jnp.asarray(rng.normal(size=x0.shape), jnp.float32), 0)
-    run = functools.partial(vjp_all, custom_vjp=custom_vjp, padded_output=padded_output)
+    run = functools.partial(vjp_all, two_pass=two_pass, padded_output=padded_output)
     clean = run(jnp.asarray(x0), m, params, state, dy, stat_weights=jnp.ones(3))
     dirty = run(jnp.asarray(fill_padded(x0, m, kind)), m, params, state, dy, stat_weights=jnp.ones(3))
     (y0, s0, (dx0, dp0)), (y1, s1, (dx1, dp1)) = clean, dirty
@@ -198,24 +199,64 @@ def test_gradients_match_finite_differences_in_float64(padded_output, pattern):
     assert not jax.config.jax_enable_x64
 
 
-def test_second_order_gradients_match_finite_differences_in_float64():
-    """Reverse-over-reverse through the custom_vjp's backward (e.g. gradient penalties)."""
+@pytest.mark.parametrize("mask_kind", ["none", "rows", "per-channel"], ids=["no-mask", "row-mask", "per-channel-mask"])
+@pytest.mark.parametrize("padded_output", ["normalize", "zero"])
+def test_every_mode_and_order_matches_finite_differences_in_float64(mask_kind, padded_output):
+    """jvp, vjp and their second order (jvp of grad = Hessian-vector products, grad of grad)
+    through a training call, against central finite differences, as for a stock BN."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(12)
-        m = make_mask("random", (3, 5))
         x = jnp.asarray(rng.normal(size=(3, 5, 2)), jnp.float64)
+        m = {
+            "none": None,
+            "rows": make_mask("random", (3, 5)),
+            "per-channel": rng.random((3, 5, 2)) < 0.6,
+        }[mask_kind]
         params, state = init(2, param_dtype=jnp.float64, stats_dtype=jnp.float64)
-        real_rows = lambda y: jnp.where(m[..., None], y, 0)  # noqa: E731
-        f = jax.jit(lambda x: jnp.sum(jnp.sin(real_rows(masked_batch_norm(x, m, params, state, training=True)[0]))))
-        check_grads(f, (x,), order=2, modes=("rev",))
+        params = {"scale": params["scale"] * 1.3, "bias": params["bias"] + 0.2}
+        keep = (
+            (lambda y: y)
+            if m is None
+            else (lambda y: jnp.where(jnp.broadcast_to(m if m.ndim == 3 else m[..., None], y.shape), y, 0))
+        )
+
+        def f(x, scale, bias):
+            y, new = masked_batch_norm(
+                x, m, {"scale": scale, "bias": bias}, state, training=True, padded_output=padded_output
+            )
+            return jnp.sum(jnp.sin(keep(y))) + jnp.sum(new["var"] ** 2 + new["mean"])
+
+        check_grads(jax.jit(f), (x, params["scale"], params["bias"]), order=2, modes=("fwd", "rev"))
     assert not jax.config.jax_enable_x64
 
 
-def test_forward_over_reverse_works_but_pure_forward_mode_is_refused(rng):
-    x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+def test_hessian_vector_products_agree_in_every_composition(rng):
+    """forward-over-reverse, reverse-over-forward and reverse-over-reverse give one HVP."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(2.0, 3.0, (4, 6, 3)), jnp.float64)
+        m = make_mask("prefix", (4, 6))
+        params, state = init(3, param_dtype=jnp.float64, stats_dtype=jnp.float64)
+        f = lambda x: jnp.sum(jnp.tanh(masked_batch_norm(x, m, params, state, training=True)[0]) ** 2)  # noqa: E731
+        v = jnp.asarray(rng.normal(size=x.shape), jnp.float64)
+        fwd_rev = jax.jvp(jax.grad(f), (x,), (v,))[1]
+        rev_fwd = jax.grad(lambda x: jax.jvp(f, (x,), (v,))[1])(x)
+        rev_rev = jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x)
+        np.testing.assert_allclose(fwd_rev, rev_fwd, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fwd_rev, rev_rev, rtol=1e-10, atol=1e-12)
+        assert np.all(np.asarray(fwd_rev)[~m] == 0)
+        full = jax.hessian(f)(x).reshape(x.size, x.size)
+        np.testing.assert_allclose(
+            full @ np.asarray(v).reshape(-1), np.asarray(fwd_rev).reshape(-1), rtol=1e-9, atol=1e-11
+        )
+    assert not jax.config.jax_enable_x64
+
+
+def test_forward_mode_padded_tangents_move_nothing(rng):
+    """A tangent on padded rows only (even NaN there) changes no real output and no statistic."""
+    x = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+    m = make_mask("random", (4, 5))
     params, state = affine(rng, 3)
-    f = lambda x: jnp.sum(jnp.sin(masked_batch_norm(x, None, params, state, training=True)[0]))  # noqa: E731
-    hvp = jax.jit(lambda x, v: jax.jvp(jax.grad(f), (x,), (v,))[1])(x, jnp.ones_like(x))
-    assert hvp.shape == x.shape and np.all(np.isfinite(hvp))
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(f, (x,), (jnp.ones_like(x),))
+    t = jnp.broadcast_to(jnp.where(m[..., None], 0.0, jnp.nan), x.shape)
+    _, (ty, tnew) = jax.jvp(lambda x: masked_batch_norm(x, m, params, state, training=True), (x,), (t,))
+    assert np.all(np.asarray(ty) == 0)
+    assert all(np.all(np.asarray(v) == 0) for v in tnew.values())

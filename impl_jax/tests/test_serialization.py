@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from jaxbn_helpers import affine
 
-from maskbn_jax import init, load, masked_batch_norm, save
+from maskbn_jax import init, load, load_portable, masked_batch_norm, save, save_portable
 from maskbn_jax.serialization import from_bytes, to_bytes
 
 CONFIG = {"momentum": 0.9, "epsilon": 1e-3, "axis": -1, "padded_output": "zero"}
@@ -98,3 +99,21 @@ def test_stock_flax_batchnorm_checkpoint_loads(rng, flax_serialization):
     assert config == {}
     assert_same_tree(params, dict(variables["params"]))
     assert_same_tree(state, dict(variables["batch_stats"]))
+
+
+@pytest.mark.parametrize("unbiased_var", [False, True], ids=["population", "unbiased"])
+def test_portable_format_records_the_moving_var_convention(tmp_path, rng, unbiased_var):
+    params, state = affine(rng, 3)
+    save_portable(tmp_path, params, state, momentum=0.9, epsilon=1e-3, unbiased_var=unbiased_var)
+    written = json.loads((tmp_path / "maskbn.json").read_text())
+    assert written["moving_var"] == ("unbiased" if unbiased_var else "population")
+    _, _, kwargs = load_portable(tmp_path)
+    assert kwargs["unbiased_var"] is unbiased_var
+    # a file from before the key existed is population
+    del written["moving_var"]
+    (tmp_path / "maskbn.json").write_text(json.dumps(written))
+    assert load_portable(tmp_path)[2]["unbiased_var"] is False
+    written["moving_var"] = "sample"
+    (tmp_path / "maskbn.json").write_text(json.dumps(written))
+    with pytest.raises(ValueError, match="moving_var must be one of"):
+        load_portable(tmp_path)

@@ -21,7 +21,7 @@ import pytest
 CHECKS = {
     **{
         f"{path}-{what}": tol
-        for path in ("custom_vjp", "autodiff")
+        for path in ("single-pass", "two-pass")
         for what, tol in (
             ("output", 2e-6),
             ("moving-stats", 1e-6),
@@ -34,7 +34,7 @@ CHECKS = {
         )
     },
     "pmap-moving-stats": 1e-6,
-    "pmap-custom_vjp-vs-autodiff-grads": 5e-6,
+    "pmap-single-vs-two-pass-grads": 5e-6,
     "linen-output": 2e-6,
     "linen-moving-stats": 1e-6,
 }

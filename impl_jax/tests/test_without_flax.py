@@ -24,8 +24,9 @@ SCRIPT = textwrap.dedent(
     for name in ("nnx", "linen"):
         try:
             getattr(maskbn_jax, name)
-        except ImportError:
-            pass
+        except ImportError as exc:
+            # first contact: the error says what to install, not only "No module named 'flax'"
+            assert "pip install 'maskbn-jax[flax]'" in str(exc), str(exc)
         else:
             raise AssertionError(f"maskbn_jax.{name} imported without flax")
     assert not any(m.startswith("flax") for m, mod in sys.modules.items() if mod is not None)

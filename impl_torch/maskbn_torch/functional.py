@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import ChannelMismatchError
+
 __all__ = ["PADDED_OUTPUTS", "masked_batch_norm"]
 
 #: accepted values of ``padded_output``
@@ -629,7 +631,7 @@ def masked_batch_norm(
         ("running_var", running_var),
     ):
         if t is not None and _shape(t) != (channels,):
-            raise ValueError(
+            raise ChannelMismatchError(
                 f"x shape {_shape(input)} has {channels} channels at axis {axis}, but {name} has shape {_shape(t)}"
             )
     if (running_mean is None) != (running_var is None):
