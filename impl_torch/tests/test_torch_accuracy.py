@@ -80,7 +80,9 @@ def _check(real_rows, offset, std, dtype, channels_last, compiled):
     assert (exact_var > 0).all(), "the case must have a spread after rounding to the input dtype"
     ulp = np.spacing(np.abs(exact_mean).astype(np.float32)).astype(np.float64)
     mean_error = np.abs(mean.double().numpy() - exact_mean)
-    assert (mean_error <= ulp).all(), f"mean off by {mean_error / ulp} float32 ulp ({mean_error / np.sqrt(exact_var)} sigma)"
+    assert (mean_error <= ulp).all(), (
+        f"mean off by {mean_error / ulp} float32 ulp ({mean_error / np.sqrt(exact_var)} sigma)"
+    )
     var_error = np.abs(var.double().numpy() - exact_var) / exact_var
     assert (var_error <= 1e-5).all(), f"variance off by {var_error} relative"
     # the backward's sums, against float64 sums with the layer's own (float32) statistics
@@ -99,11 +101,20 @@ def _check(real_rows, offset, std, dtype, channels_last, compiled):
     assert torch.isfinite(mean).all() and torch.isfinite(dweight).all()
 
 
-SCALES = [(1000, 1e4, 1.0), (1000, 1e6, 1.0), (2**18, 1e4, 1.0), (2**18, 1e6, 1.0), (2**18, 1e4, 1e-2), (2**18, 1e6, 1e-2)]
+SCALES = [
+    (1000, 1e4, 1.0),
+    (1000, 1e6, 1.0),
+    (2**18, 1e4, 1.0),
+    (2**18, 1e6, 1.0),
+    (2**18, 1e4, 1e-2),
+    (2**18, 1e6, 1e-2),
+]
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "channels-first"])
-@pytest.mark.parametrize(("real_rows", "offset", "std"), SCALES, ids=[f"n{n}-offset{o:g}-std{s:g}" for n, o, s in SCALES])
+@pytest.mark.parametrize(
+    ("real_rows", "offset", "std"), SCALES, ids=[f"n{n}-offset{o:g}-std{s:g}" for n, o, s in SCALES]
+)
 def test_eager_float32_accuracy_at_scale(real_rows, offset, std, channels_last):
     _check(real_rows, offset, std, torch.float32, channels_last, compiled=False)
 
