@@ -512,7 +512,9 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -
     if dy_rows.shape[0] == 0:  # no real row: the kernel would divide by zero
         grad_rows, grad_w = dy_rows, torch.zeros_like(mean_v)
     else:
-        grad_rows, grad_w, _ = _native_backward(dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, ctx.eps, need_x, need_w)
+        grad_rows, grad_w, _ = _native_backward(
+            dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, ctx.eps, need_x, need_w
+        )
     grad_x = _scatter_rows(grad_rows, x, m, axis).to(x.dtype) if need_x else None
     grad_w = grad_w.to(weight.dtype) if need_w else None
     grad_b = dy_rows.sum(0).to(bias.dtype) if need_b else None
@@ -702,7 +704,21 @@ def masked_batch_norm(
     else:
         mean = running_mean.detach().to(acc).reshape(stat_shape)
         var = running_var.detach().to(acc).reshape(stat_shape)
-    args = (input, weight, bias, m, mean, var, count, float(eps), padded_output == "zero", axis, dims, stat_shape, group)
+    args = (
+        input,
+        weight,
+        bias,
+        m,
+        mean,
+        var,
+        count,
+        float(eps),
+        padded_output == "zero",
+        axis,
+        dims,
+        stat_shape,
+        group,
+    )
     if _forward_mode_active(input, weight, bias):
         return _composite(*args)
     return _MaskedBatchNormFn.apply(*args)
