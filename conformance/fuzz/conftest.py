@@ -29,6 +29,10 @@ from maskbn_conformance.fuzz import ci_settings
 
 #: examples per property in the ci profile, before EXAMPLE_SCALE
 CI_EXAMPLES = 30
+#: examples of the differential property in each non-default form (torch compile,
+#: Keras function and xla): every example compiles afresh (seconds each on 2 cores),
+#: so few, and half of them at scale (fuzz.FORM_SCALE_SHARE), where compiled forms lose accuracy
+FORM_EXAMPLES = 6
 #: per-backend multiplier of the profile's max_examples (unknown backends: 1),
 #: from measured costs so each backend's whole fuzz folder takes 1-2 minutes on
 #: the 2-core CI machine (timings in conformance/fuzz/README.md)
@@ -74,3 +78,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
     )
     for result in _RESULTS:
         terminalreporter.write_line(result.summary())
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``maskbn_backend_form``: (LoadedBackend, form) for every non-default form of
+    every selected backend, ids like ``torch-compile``."""
+    if "maskbn_backend_form" in metafunc.fixturenames:
+        from maskbn_conformance.pytest_plugin import usable_backends
+
+        pairs = [(b, form) for b in usable_backends(metafunc.config) for form in b.backend.forms[1:]]
+        metafunc.parametrize("maskbn_backend_form", pairs, ids=[f"{b.name}-{form}" for b, form in pairs])
+
+
+@pytest.fixture
+def form_settings() -> settings:
+    """The selected profile with FORM_EXAMPLES examples (ten times as many in dev)."""
+    return settings(PROFILES[PROFILE], max_examples=FORM_EXAMPLES * (10 if PROFILE == "dev" else 1))

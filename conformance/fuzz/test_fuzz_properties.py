@@ -14,11 +14,11 @@ from maskbn_conformance import fuzz
 from maskbn_conformance.adapter import Unsupported
 
 
-def _property(prop: str, loaded, hypothesis_settings, fuzz_results: list) -> None:
+def _property(prop: str, loaded, hypothesis_settings, fuzz_results: list, **options) -> None:
     result = fuzz.PropertyResult(loaded.name, prop)
     fuzz_results.append(result)
     try:
-        fuzz.run_property(prop, loaded, hypothesis_settings, result=result)
+        fuzz.run_property(prop, loaded, hypothesis_settings, result=result, **options)
     except Unsupported as exc:
         pytest.skip(str(exc))
     print(result.summary())
@@ -27,6 +27,12 @@ def _property(prop: str, loaded, hypothesis_settings, fuzz_results: list) -> Non
 def test_differential(maskbn_backend, fuzz_settings, fuzz_results):
     """Outputs, moving stats and gradients of random layers and call sequences vs the float64 reference."""
     _property("differential", maskbn_backend, fuzz_settings, fuzz_results)
+
+
+def test_differential_in_form(maskbn_backend_form, form_settings, fuzz_results):
+    """The differential property in each further form the adapter runs (compiled, graph), half at scale."""
+    loaded, form = maskbn_backend_form
+    _property("differential", loaded, form_settings, fuzz_results, form=form, scale_share=fuzz.FORM_SCALE_SHARE)
 
 
 def test_garbage(maskbn_backend, fuzz_settings, fuzz_results):

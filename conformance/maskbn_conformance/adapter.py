@@ -66,6 +66,9 @@ class LayerConfig:
     #: what a training call stores as the batch variance: "population" (1/n) or
     #: "unbiased" (n / max(n - 1, 1) times it, per channel: torch's convention)
     moving_var: str = "population"
+    #: how the layer is called: one of the backend's ``forms`` (None: its
+    #: first, default form), e.g. torch "compile", Keras "function" or "xla"
+    form: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,10 @@ class Backend(Protocol):
     #: ("unbiased" for torch, "population" elsewhere): parity cases run the
     #: masked layer in it, so masked and stock layers store the same thing
     stock_moving_var: str
+    #: the forms the adapter runs a layer in (eager, graph, compiled ...), the
+    #: default first; spec cases marked ``every_form`` run in each, with ids
+    #: ``<name>-<form>-<case>-...`` for the non-default ones
+    forms: tuple[str, ...]
 
     def layer(self, config: LayerConfig) -> Layer:
         """Build a masked batch norm layer; raise Unsupported for a dtype or

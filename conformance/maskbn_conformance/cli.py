@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .harness import (
     LoadedBackend,
-    checks_for,
+    backend_checks,
     cross_checks,
     installed_backends,
     load_backend,
@@ -30,6 +30,7 @@ from .harness import (
     unused_expectations,
 )
 from .invariants import Runs
+from .progress import Progress
 from .spec import Spec, SpecError, find_spec_root
 
 STATUSES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
@@ -64,21 +65,28 @@ def _backends(names: list[str]) -> list[LoadedBackend]:
 
 
 def _run_backend(spec: Spec, loaded: LoadedBackend, cases, verbose: bool) -> dict:
-    """Every check of ``cases`` on one backend: {case id: Counter}, plus problem lines."""
+    """Every check of ``cases`` on one backend, in each of its forms: {"columns":
+    {backend or backend-form: {case id: Counter}}, "cases": the default form's},
+    plus problem lines."""
     runs = Runs()
-    per_case: dict[str, Counter] = {}
+    columns: dict[str, dict[str, Counter]] = {loaded.name: {}}
     problems: list[str] = []
-    for check in checks_for(spec, loaded.name, cases):
+    checks = list(backend_checks(spec, loaded, cases))
+    progress = Progress(f"{loaded.name} spec checks", len(checks))
+    for check in checks:
         outcome = run_check(check, loaded, spec, runs)
-        per_case.setdefault(check.case.id, Counter())[outcome.status] += 1
+        progress.advance(check.case.id)
+        columns.setdefault(check.column, {}).setdefault(check.case.id, Counter())[outcome.status] += 1
         if outcome.status in _BAD or (verbose and outcome.status != "passed"):
             problems.append(f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  "))
         elif outcome.status in ("skipped", "xfailed"):
             problems.append(f"{outcome.status} {check.id}: {outcome.message.splitlines()[0][:200]}")
-    for entry in unused_expectations(loaded, checks_for(spec, loaded.name)):
+    progress.finish()
+    per_case = columns[loaded.name]
+    for entry in unused_expectations(loaded, backend_checks(spec, loaded)):
         problems.append(f"FAILED {loaded.name}-expectations-all-used: {entry.label()} matches no test")
         per_case.setdefault("(expectations)", Counter())["failed"] += 1
-    return {"cases": per_case, "problems": problems}
+    return {"cases": per_case, "columns": columns, "problems": problems}
 
 
 def _fuzz_backend(loaded: LoadedBackend, spec: Spec, examples: int, long_run_steps: int) -> dict:
@@ -114,9 +122,12 @@ def _fuzz_backend(loaded: LoadedBackend, spec: Spec, examples: int, long_run_ste
             )
             result.failure = result.failure or "error"
 
+    progress = Progress(f"{loaded.name} fuzz properties", len(fuzz.CHECKS))
     for prop in fuzz.CHECKS:
         result = fuzz.PropertyResult(loaded.name, prop)
         attempt(result, lambda prop=prop, result=result: fuzz.run_property(prop, loaded, hyp_settings, spec, result))
+        progress.advance(str(prop))
+    progress.finish()
     known: list = []
     try:
         with hypothesis.reporting.with_reporter(lambda _message: None):
@@ -166,8 +177,9 @@ def cmd_report(args) -> int:
         t0 = time.perf_counter()
         results[loaded.name] = _run_backend(spec, loaded, cases, args.verbose)
         results[loaded.name]["seconds"] = round(time.perf_counter() - t0, 1)
-        for counter in results[loaded.name]["cases"].values():
-            totals.update(counter)
+        for column in results[loaded.name]["columns"].values():
+            for counter in column.values():
+                totals.update(counter)
 
     # portable state across backends: rows export, columns import
     usable = {b.name: b for b in backends if b.backend is not None}
@@ -199,20 +211,25 @@ def cmd_report(args) -> int:
                     totals["failed"] += fuzz[name]["failures"]
 
     names = [b.name for b in backends]
-    header = "| case | " + " | ".join(names) + " |"
-    lines = [header, "|" + "---|" * (len(names) + 1)]
+    # one column per backend and form: torch, torch-compile, tf, tf-function, tf-xla, ...
+    columns = {}
+    for n in names:
+        columns.update(results[n].get("columns") or {n: {}})
+    header = "| case | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
     for case in cases:
-        cells = [_cell(results[n]["cases"].get(case.id)) for n in names]
+        cells = [_cell(per_case.get(case.id)) for per_case in columns.values()]
         lines.append(f"| `{case.id}` | " + " | ".join(cells) + " |")
     summary_cells = []
     for n in names:
         if results[n].get("error"):
             summary_cells.append("NOT LOADED")
             continue
-        c = Counter()
-        for counter in results[n]["cases"].values():
-            c.update(counter)
-        summary_cells.append(_cell(c))
+        for per_case in results[n]["columns"].values():
+            c = Counter()
+            for counter in per_case.values():
+                c.update(counter)
+            summary_cells.append(_cell(c))
     lines.append("| **all** | " + " | ".join(summary_cells) + " |")
     if cross:
         lines += ["", "Portable state (rows export, columns import):", "", "| from \\ to | " + " | ".join(usable) + " |",
@@ -251,6 +268,10 @@ def cmd_report(args) -> int:
                     "error": results[n].get("error"),
                     "seconds": results[n].get("seconds"),
                     "cases": {cid: dict(counter) for cid, counter in results[n]["cases"].items()},
+                    "forms": {
+                        column: {cid: dict(counter) for cid, counter in per_case.items()}
+                        for column, per_case in results[n].get("columns", {}).items()
+                    },
                     "problems": results[n]["problems"],
                     "reliability": {
                         "cases_tried": _cases_tried(results[n]),
@@ -270,13 +291,18 @@ def cmd_report(args) -> int:
     return 1 if any(totals[s] for s in _BAD) else 0
 
 
+def _counters(result: dict) -> list[Counter]:
+    """Every case's counter in every form column of one backend."""
+    return [c for per_case in result.get("columns", {}).values() for c in per_case.values()]
+
+
 def _cases_tried(result: dict) -> int:
-    """Spec checks that ran (skips were not tried)."""
-    return sum(sum(v for k, v in c.items() if k != "skipped") for c in result["cases"].values())
+    """Spec checks that ran in any form (skips were not tried)."""
+    return sum(sum(v for k, v in c.items() if k != "skipped") for c in _counters(result))
 
 
 def _failures(result: dict, fuzz: dict | None) -> int:
-    spec_bad = sum(sum(c[s] for s in _BAD) for c in result["cases"].values())
+    spec_bad = sum(sum(c[s] for s in _BAD) for c in _counters(result))
     return spec_bad + (fuzz["failures"] if fuzz else 0) + (1 if result.get("error") else 0)
 
 
@@ -312,7 +338,7 @@ def cmd_run(args) -> int:
     cases = [spec.case(cid) for cid in args.case] if args.case else spec.cases
     runs = Runs()
     bad = 0
-    for check in checks_for(spec, loaded.name, cases):
+    for check in backend_checks(spec, loaded, cases):
         if args.dtype and check.dtype not in args.dtype:
             continue
         if args.invariant and check.invariant not in args.invariant:

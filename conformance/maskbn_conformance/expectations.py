@@ -18,15 +18,21 @@ class Expectation:
     case: str = "*"
     dtype: str = "*"
     invariant: str = "*"
+    #: the backend form (e.g. compile, xla); "*" matches every form, the default's name only it
+    form: str = "*"
     tolerance: tuple[tuple[str, float], ...] = ()
 
-    def matches(self, case: str, dtype: str, invariant: str) -> bool:
+    def matches(self, case: str, dtype: str, invariant: str, form: str = "") -> bool:
         return (
-            fnmatchcase(case, self.case) and fnmatchcase(dtype, self.dtype) and fnmatchcase(invariant, self.invariant)
+            fnmatchcase(case, self.case)
+            and fnmatchcase(dtype, self.dtype)
+            and fnmatchcase(invariant, self.invariant)
+            and fnmatchcase(form, self.form)
         )
 
     def label(self) -> str:
-        return f"{{case: {self.case}, dtype: {self.dtype}, invariant: {self.invariant}, status: {self.status}}}"
+        form = "" if self.form == "*" else f", form: {self.form}"
+        return f"{{case: {self.case}, dtype: {self.dtype}, invariant: {self.invariant}{form}, status: {self.status}}}"
 
 
 def load_expectations(path: Path | None) -> list[Expectation]:
@@ -37,7 +43,7 @@ def load_expectations(path: Path | None) -> list[Expectation]:
         raise ValueError(f"{path}: expected a YAML list of entries")
     out = []
     for i, entry in enumerate(data):
-        unknown = set(entry) - {"case", "dtype", "invariant", "status", "reason", "tolerance"}
+        unknown = set(entry) - {"case", "dtype", "invariant", "form", "status", "reason", "tolerance"}
         if unknown:
             raise ValueError(f"{path}: entry {i}: unknown keys {sorted(unknown)}")
         if entry.get("status") not in STATUSES:
@@ -53,11 +59,12 @@ def load_expectations(path: Path | None) -> list[Expectation]:
                 case=str(entry.get("case", "*")),
                 dtype=str(entry.get("dtype", "*")),
                 invariant=str(entry.get("invariant", "*")),
+                form=str(entry.get("form", "*")),
                 tolerance=tuple(sorted((entry.get("tolerance") or {}).items())),
             )
         )
     return out
 
 
-def find(expectations: list[Expectation], case: str, dtype: str, invariant: str) -> list[Expectation]:
-    return [e for e in expectations if e.matches(case, dtype, invariant)]
+def find(expectations: list[Expectation], case: str, dtype: str, invariant: str, form: str = "") -> list[Expectation]:
+    return [e for e in expectations if e.matches(case, dtype, invariant, form)]

@@ -40,6 +40,7 @@ pass (``python -m maskbn_conformance report --fuzz-examples N``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -104,6 +105,19 @@ SHAPES = {
     5: ((2, 2, 3, 2, 2), (1, 3, 2, 2, 3)),
 }
 MASK_DTYPES = ("bool", "int8", "uint8", "int32", "int64")
+
+#: At-scale examples (contract 1a, issue 12): batches of 8k and 131k positions,
+#: channels last and first, checked by the spec's at-scale invariants (the
+#: n * u bounds of _StepBounds are for small batches). The larger one draws
+#: per-item lengths of at least 12 500, so it holds >= 1e5 real rows.
+SCALE_LAYOUTS = (((4, 4096, 2), -1), ((8, 2, 16384), 1))
+#: at-scale offsets per dtype (float16 tops out at 65504) and stds
+SCALE_OFFSETS = {"float16": (1.0e3, 3.0e4), "bfloat16": (1.0e4, 1.0e6), "float32": (1.0e4, 1.0e6)}
+SCALE_STDS = (1.0, 1.0e-2, 100.0)
+#: one example in this many is at scale in the default form; in a compiled or
+#: graph form (few examples, each compiled afresh) one in FORM_SCALE_SHARE
+SCALE_SHARE = 8
+FORM_SCALE_SHARE = 2
 
 #: Training calls in the long run: 10 000 on every backend. A backend whose
 #: eager call is too slow for that within the fuzz folder's CI budget (about
@@ -259,10 +273,41 @@ def _layout(draw) -> tuple[tuple[int, ...], int, int]:
 
 
 @st.composite
-def differential_examples(draw, garbage: bool = False) -> Example:
+def _scale_example(draw, dtype: str) -> Example:
+    """One training call on a large batch at a large offset, decay 0, uneven per-item lengths."""
+    shape, axis = draw(st.sampled_from(SCALE_LAYOUTS))
+    pos = axis % len(shape)
+    mask_shape = tuple(s for i, s in enumerate(shape) if i != pos)
+    per_item = int(np.prod(mask_shape[1:]))
+    floor = 12_500 if per_item > 12_500 else 1
+    lengths = draw(st.lists(st.integers(floor, per_item), min_size=shape[0], max_size=shape[0]))
+    offset = draw(st.sampled_from(SCALE_OFFSETS[dtype])) * draw(st.sampled_from((1.0, -1.0)))
+    x = {"random": "normal", "mean": offset, "std": draw(st.sampled_from(SCALE_STDS)), "shape": list(shape),
+         "seed": draw(st.integers(0, 2**16))}  # fmt: skip
+    case = {
+        "id": "fuzz-differential-at-scale",
+        "description": "a Hypothesis example of the fuzz property differential, at scale",
+        "params": {"axis": axis, "decay": 0.0},
+        "inputs": {"x": x, "mask": {"pattern": "prefix", "lengths": lengths}},
+        "dtypes": [dtype],
+        "steps": [{"call": "train"}],
+        "expect": list(SCALE_INVARIANTS),
+    }
+    return Example(dtype=dtype, case=case)
+
+
+#: the spec's at-scale invariants, which judge the at-scale examples
+SCALE_INVARIANTS = ("statistics_accurate_at_scale", "outputs_accurate_at_scale")
+
+
+@st.composite
+def differential_examples(draw, garbage: bool = False, scale_share: int = SCALE_SHARE) -> Example:
     """A random layer and 1-4 calls in a row (``garbage``: zero padding and a
-    garbage fill to compare it with)."""
+    garbage fill to compare it with); one example in ``scale_share`` (not for
+    garbage) is a large batch at a large offset instead."""
     dtype = draw(st.sampled_from(FUZZ_DTYPES))
+    if not garbage and draw(st.integers(0, scale_share - 1)) == 0:
+        return draw(_scale_example(dtype))
     shape, axis, pos = draw(_layout())
     channels = shape[pos]
     mask_shape = tuple(s for i, s in enumerate(shape) if i != pos)
@@ -500,6 +545,37 @@ class PooledBackend:
         return getattr(self._backend, name)
 
 
+class InForm:
+    """A backend whose layers (masked and stock) run in one of its forms."""
+
+    def __init__(self, backend: Backend, form: str):
+        if form not in backend.forms:
+            raise Unsupported(f"backend {backend.name} has no form {form!r} (its forms: {backend.forms})")
+        self._backend = backend
+        self.form = form
+
+    def layer(self, config: LayerConfig):
+        return self._backend.layer(dataclasses.replace(config, form=self.form))
+
+    def stock_layer(self, config: LayerConfig):
+        return self._backend.stock_layer(dataclasses.replace(config, form=self.form))
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+
+_FORMS: dict[tuple[int, str], InForm] = {}
+
+
+def in_form(loaded: LoadedBackend, form: str) -> LoadedBackend:
+    """``loaded`` with its backend building every layer in ``form`` (one wrapper per
+    backend and form, so the layer pool is kept across examples)."""
+    key = (id(loaded.backend), form)
+    if key not in _FORMS or _FORMS[key]._backend is not loaded.backend:
+        _FORMS[key] = InForm(loaded.backend, form)
+    return dataclasses.replace(loaded, backend=_FORMS[key])
+
+
 _POOLS: dict[int, PooledBackend] = {}
 
 
@@ -725,6 +801,10 @@ def check_differential(loaded: LoadedBackend, example: Example, spec: Spec | Non
     spec = spec or default_spec()
     ctx = _context(pooled(loaded.backend), example, spec)
     checks = _Checks(loaded, "fuzz-differential", example.dtype, spec, report)
+    if set(SCALE_INVARIANTS) <= set(example.case["expect"]):
+        for name in SCALE_INVARIANTS:
+            checks.run(name, partial(INVARIANTS[name], ctx))
+        return
     trace = ctx.trace()  # CheckFailed if a valid call raised; Unsupported propagates
     chain = run_reference(ctx.case, example.dtype, trace)  # the float64 run of the same calls
     dtype = example.dtype
@@ -927,6 +1007,8 @@ def run_property(
     spec: Spec | None = None,
     result: PropertyResult | None = None,
     kinds: tuple[str, ...] | None = None,
+    form: str | None = None,
+    scale_share: int | None = None,
 ) -> PropertyResult:
     """Run one Hypothesis property on a backend.
 
@@ -935,9 +1017,16 @@ def run_property(
     message carrying the failure, the example and a repro; ``result`` (pass one
     to read it after a raise) counts the inputs tried. Raises Unsupported if the
     backend could run none. ``kinds`` (bad-input only) chooses the kinds of
-    input; by default every kind but the backend's KNOWN_BUGS.
+    input; by default every kind but the backend's KNOWN_BUGS. ``form`` runs
+    every layer in that form of the backend (torch compile, Keras xla, ...);
+    ``scale_share`` (differential only) makes one example in that many an
+    at-scale one.
     """
     strategy, check = CHECKS[prop]
+    if form is not None:
+        loaded = in_form(loaded, form)
+    if scale_share is not None:
+        strategy = partial(strategy, scale_share=scale_share)
     result = result or PropertyResult(loaded.name, prop)
     spec = spec or default_spec()
     strategy_args = {}

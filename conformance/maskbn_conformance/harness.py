@@ -52,10 +52,17 @@ class Check:
     case: Case
     dtype: str
     invariant: str
+    #: a non-default form of the backend (None: its default form)
+    form: str | None = None
+
+    @property
+    def column(self) -> str:
+        """The backend and form, as the report's column and the id's prefix."""
+        return self.backend if self.form is None else f"{self.backend}-{self.form}"
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{self.case.id}-{self.dtype}-{self.invariant}"
+        return f"{self.column}-{self.case.id}-{self.dtype}-{self.invariant}"
 
     def repro(self) -> str:
         return (
@@ -65,13 +72,25 @@ class Check:
         )
 
 
-def checks_for(spec: Spec, backend: str, cases: list[Case] | None = None) -> list[Check]:
+def checks_for(spec: Spec, backend: str, cases: list[Case] | None = None, forms: tuple[str, ...] = ()) -> list[Check]:
+    """Every check of ``cases`` on ``backend``: each case in the default form, and
+    the cases marked ``every_form`` again in each further form of ``forms``
+    (a backend's forms, default first)."""
+    cases = spec.cases if cases is None else cases
+    extra = [None] + list(forms[1:])
     return [
-        Check(backend, case, dtype, name)
-        for case in (spec.cases if cases is None else cases)
+        Check(backend, case, dtype, name, form)
+        for form in extra
+        for case in cases
+        if form is None or case.raw.get("every_form", False)
         for dtype in case.dtypes
         for name in case.expect
     ]
+
+
+def backend_checks(spec: Spec, loaded: LoadedBackend, cases: list[Case] | None = None) -> list[Check]:
+    """checks_for with the forms the loaded backend declares."""
+    return checks_for(spec, loaded.name, cases, tuple(loaded.backend.forms))
 
 
 @dataclass
@@ -83,7 +102,8 @@ class Outcome:
 
 def run_check(check: Check, loaded: LoadedBackend, spec: Spec, runs: Runs) -> Outcome:
     """Run one check and apply the backend's expectations to the result."""
-    matching = find(loaded.expectations, check.case.id, check.dtype, check.invariant)
+    default = loaded.backend.forms[0]
+    matching = find(loaded.expectations, check.case.id, check.dtype, check.invariant, check.form or default)
     skip = next((e for e in matching if e.status == "skip"), None)
     if skip is not None:
         return Outcome("skipped", f"{loaded.name} expectations: {skip.reason}")
@@ -100,6 +120,7 @@ def run_check(check: Check, loaded: LoadedBackend, spec: Spec, runs: Runs) -> Ou
         runs=runs,
         args=check.case.expect[check.invariant],
         tolerance_override=override or None,
+        form=check.form,
     )
     try:
         INVARIANTS[check.invariant](ctx)
@@ -129,7 +150,11 @@ def unused_expectations(loaded: LoadedBackend, checks: list[Check]) -> list[Expe
     return [
         e
         for e in loaded.expectations
-        if not any(e.matches(c.case.id, c.dtype, c.invariant) for c in checks if c.backend == loaded.name)
+        if not any(
+            e.matches(c.case.id, c.dtype, c.invariant, c.form or loaded.backend.forms[0])
+            for c in checks
+            if c.backend == loaded.name
+        )
     ]
 
 

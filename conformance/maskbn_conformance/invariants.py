@@ -8,6 +8,7 @@ keep the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,12 +37,32 @@ class Runs:
         self._traces: dict[tuple, Trace | BaseException] = {}
         self._refs: dict[tuple, list[RefStep]] = {}
 
+    #: runs of this many (backend, case, dtype) groups are kept; checks of one case
+    #: run one after another, and a case at scale holds arrays of hundreds of MB
+    KEEP_GROUPS = 2
+
+    @staticmethod
+    def _group(key: tuple) -> tuple:
+        return (*key[:3], key[3].form)
+
+    def _evict(self, group: tuple) -> None:
+        groups = list(dict.fromkeys(self._group(k) for k in self._traces))
+        if group in groups:
+            return
+        for old in groups[: max(len(groups) - self.KEEP_GROUPS + 1, 0)]:
+            for store in (self._traces, self._refs):
+                for key in [k for k in store if self._group(k) == old]:
+                    del store[key]
+
     def trace(self, backend: Backend, case: Case, dtype: str, variant: Variant) -> Trace:
         key = (backend.name, case.id, dtype, variant)
         if key not in self._traces:
+            self._evict(self._group(key))
             try:
                 run = (
-                    run_sharded(backend, case, dtype) if variant.sharded else run_backend(backend, case, dtype, variant)
+                    run_sharded(backend, case, dtype, variant)
+                    if variant.sharded
+                    else run_backend(backend, case, dtype, variant)
                 )
                 self._traces[key] = run
             except Exception as exc:
@@ -68,9 +89,15 @@ class Context:
     args: dict[str, Any] = field(default_factory=dict)
     #: tolerance override from the backend's expectations file
     tolerance_override: dict[str, float] | None = None
+    #: the backend form every run of this check uses (None: the default)
+    form: str | None = None
+
+    def variant(self, variant: Variant = AS_WRITTEN) -> Variant:
+        """``variant`` in this check's form."""
+        return dataclasses.replace(variant, form=self.form)
 
     def trace(self, variant: Variant = AS_WRITTEN, allow_errors: bool = False) -> Trace:
-        trace = self.runs.trace(self.backend, self.case, self.dtype, variant)
+        trace = self.runs.trace(self.backend, self.case, self.dtype, self.variant(variant))
         if allow_errors:
             return trace
         if trace.build_error is not None:
@@ -559,7 +586,7 @@ def _trained_layer(ctx: Context, layer):
     for index, step in enumerate(expand_raw_steps(ctx.case)):
         if step[1]["call"] != "train":
             continue
-        last = step_inputs(ctx.case, step[1], index, ctx.dtype, AS_WRITTEN)
+        last = step_inputs(ctx.case, step[1], index, ctx.dtype, ctx.variant())
         layer.forward(last.x, last.x_dtype, last.mask, training=True)
     if last is None:
         raise CheckFailed("the case has no train step to build state with")
@@ -569,7 +596,7 @@ def _trained_layer(ctx: Context, layer):
 def layer_config_of(ctx: Context, variant: Variant = AS_WRITTEN):
     from .runner import layer_config
 
-    return layer_config(ctx.case, ctx.dtype, variant)
+    return layer_config(ctx.case, ctx.dtype, ctx.variant(variant))
 
 
 def _optional(backend, method: str):
@@ -666,6 +693,88 @@ def expand_raw_steps(case: Case) -> list[tuple[int, dict]]:
         for _ in range(step.get("repeat", 1)):
             out.append((len(out), step))
     return out
+
+
+def _scale_bounds(ctx: Context, trace: Trace):
+    """Per training step with real rows: (record, reference step, mean bound,
+    variance bound), the contract's accuracy at scale (spec/tolerances.yaml,
+    ``scale``): the mean within ``mean_ulps`` float32 ulps of the exact mean (plus
+    ``mean_sigma`` standard deviations), the variance within ``var_rtol``
+    relative plus the square of the mean bound (what a mean off by that much
+    adds to a variance centred on it)."""
+    if ctx.case.param("decay") != 0:
+        raise CheckFailed("accuracy at scale reads the batch stats from the moving stats: the case needs decay 0")
+    tol = ctx.spec.tolerances[ctx.dtype]["scale"]
+    refs = ctx.reference(trace)
+    out = []
+    for record, expected in zip(trace.steps, refs):
+        if record.call not in ("train", "backward") or expected.n is None or not (expected.n > 0).any():
+            continue
+        mean, var = expected.state_after["moving_mean"], expected.state_after["moving_var"]
+        ulp = np.spacing(np.abs(mean).astype(np.float32)).astype(np.float64)
+        mean_bound = tol["mean_ulps"] * ulp + tol["mean_sigma"] * np.sqrt(var)
+        var_bound = tol["var_rtol"] * var + mean_bound**2
+        out.append((record, expected, mean_bound, var_bound))
+    if not out:
+        raise CheckFailed("the case has no training step with a real row")
+    return out
+
+
+@invariant
+def statistics_accurate_at_scale(ctx: Context) -> None:
+    """Batch mean within about one float32 ulp of the exact mean, variance within 1e-5 relative, at any size and offset."""
+    trace = ctx.trace()
+    for record, expected, mean_bound, var_bound in _scale_bounds(ctx, trace):
+        active = expected.n > 0
+        for key, bound in (("moving_mean", mean_bound), ("moving_var", var_bound)):
+            got = record.state_after[key].astype(np.float64)
+            want = expected.state_after[key]
+            err = np.abs(got - want)
+            bad = active & ~(err <= bound)
+            if bad.any():
+                c = int(np.flatnonzero(bad)[0])
+                sigma = np.sqrt(expected.state_after["moving_var"][c])
+                ulp = np.spacing(np.float32(abs(expected.state_after["moving_mean"][c])))
+                raise CheckFailed(
+                    f"step {record.index} ({record.call}) {key}[{c}] over {int(expected.n[c])} real rows: got "
+                    f"{got[c]!r}, exact {want[c]!r}, off by {err[c]:.3g} > allowed {bound[c]:.3g} "
+                    f"({err[c] / ulp:.3g} float32 ulps of the mean, {err[c] / max(sigma, 1e-300):.3g} sigma)"
+                )
+
+
+@invariant
+def outputs_accurate_at_scale(ctx: Context) -> None:
+    """Real outputs of training calls within what the allowed mean and variance errors propagate to, plus output rounding."""
+    trace = ctx.trace()
+    config = trace.config
+    for record, expected, mean_bound, var_bound in _scale_bounds(ctx, trace):
+        if record.output is None:
+            continue
+        axis = config.axis % record.inputs.x64.ndim
+        state = record.state_before
+        gamma = np.abs(state["gamma"].astype(np.float64)) if config.scale else np.ones(config.channels)
+        var = expected.state_after["moving_var"]
+        inv_std = 1.0 / np.sqrt(var + config.epsilon)
+        want = ref.to_rows(expected.y, axis)
+        xhat = np.abs(want - (state["beta"].astype(np.float64) if config.center else 0.0)) / np.maximum(gamma, 1e-30)
+        # y = gamma (x - m) / sqrt(v + eps) + beta: dm moves y by gamma dm / std,
+        # dv by gamma |xhat| dv / (2 (v + eps))
+        propagated = gamma * (mean_bound * inv_std + xhat * var_bound * inv_std**2 / 2)
+        tol = ctx.tol("output")
+        real = ref.to_rows(record.inputs.real, axis)
+        got = ref.to_rows(record.output.value, axis)
+        scale = max(float(np.max(np.abs(want[real]))), 1e-30)
+        allowed = propagated + tol["atol"] * scale + tol["rtol"] * np.abs(want)
+        with np.errstate(invalid="ignore"):
+            err = np.abs(got - want)
+        bad = real & ~(err <= allowed)
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[np.argmax((err - allowed)[bad])])
+            raise CheckFailed(
+                f"step {record.index} ({record.call}) real row {r}, channel {c}: y = {got[r, c]!r}, exact "
+                f"{want[r, c]!r}, off by {err[r, c]:.3g} > allowed {allowed[r, c]:.3g} "
+                f"({int(bad.sum())} of {int(real.sum())} real elements out; propagated part {propagated[r, c]:.3g})"
+            )
 
 
 @invariant

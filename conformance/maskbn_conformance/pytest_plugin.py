@@ -18,7 +18,7 @@ from .harness import (
     Check,
     CrossCheck,
     LoadedBackend,
-    checks_for,
+    backend_checks,
     cross_checks,
     installed_backends,
     load_backend,
@@ -75,8 +75,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests asking for ``maskbn_backend`` (a LoadedBackend) run once per selected,
     loadable backend, with the backend's name as id (``test_x[torch]``)."""
     if "maskbn_backend" in metafunc.fixturenames:
-        usable = [b for b in _backends(metafunc.config) if b.backend is not None]
+        usable = usable_backends(metafunc.config)
         metafunc.parametrize("maskbn_backend", usable, ids=[b.name for b in usable])
+
+
+def usable_backends(config: pytest.Config) -> list[LoadedBackend]:
+    """The selected backends that loaded."""
+    return [b for b in _backends(config) if b.backend is not None]
 
 
 def _is_spec_root(folder: Path) -> bool:
@@ -100,7 +105,7 @@ class SpecFile(pytest.File):
         for loaded in _backends(self.config):
             if loaded.backend is None:
                 continue  # reported by <backend>-installed
-            for check in checks_for(spec, loaded.name, cases):
+            for check in backend_checks(spec, loaded, cases):
                 yield CheckItem.from_parent(self, name=check.id, check=check, loaded=loaded, spec=spec)
 
 
@@ -188,7 +193,7 @@ class ExpectationsUsedItem(pytest.Item):
         self.spec = spec
 
     def runtest(self) -> None:
-        dead = unused_expectations(self.loaded, checks_for(self.spec, self.loaded.name))
+        dead = unused_expectations(self.loaded, backend_checks(self.spec, self.loaded))
         if dead:
             lines = "\n".join(f"  {e.label()}: {e.reason}" for e in dead)
             pytest.fail(

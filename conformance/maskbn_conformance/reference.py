@@ -1,6 +1,6 @@
 """The oracle: masked batch norm in float64 NumPy, written for clarity.
 
-Everything here follows ../shared/DESIGN.md section 1 and spec/README.md.
+Everything here follows docs/DESIGN.md section 1 and spec/README.md.
 Arrays arrive with the channel axis where the layer has it; internally they are
 flattened to rows of C channels.
 """

@@ -235,6 +235,7 @@ class ReferenceBackend:
 
     name = "reference"
     stock_moving_var = "population"
+    forms = ("numpy",)
 
     def layer(self, config: LayerConfig) -> ReferenceLayer:
         return ReferenceLayer(config)

@@ -39,6 +39,8 @@ class Variant:
     #: run with this moving-variance convention instead of the case's (parity
     #: with a stock layer uses the framework's stock convention)
     moving_var: str | None = None
+    #: the backend form to run in (None: its default)
+    form: str | None = None
 
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in self.__dict__.items() if v not in (None, False)]
@@ -115,6 +117,7 @@ def layer_config(case: Case, dtype: str, variant: Variant = AS_WRITTEN) -> Layer
         padded_output=str(case.param("padded_output")),
         dtype=dtype,
         moving_var=variant.moving_var or str(case.param("moving_var")),
+        form=variant.form,
     )
 
 
@@ -215,15 +218,15 @@ def _concat(outputs: list[Output]) -> Output:
     return Output(np.concatenate([o.value for o in outputs], axis=0), outputs[0].dtype)
 
 
-def run_sharded(backend: Backend, case: Case, dtype: str) -> Trace:
+def run_sharded(backend: Backend, case: Case, dtype: str, variant: Variant) -> Trace:
     """The case with every step's batch split over ``case.raw["shards"]`` (batch
     items per shard) and run on the backend's synchronized layer."""
-    config = layer_config(case, dtype)
+    config = layer_config(case, dtype, variant)
     sizes = list(case.raw["shards"])
     make = getattr(backend, "sharded_layer", None)
     if make is None:
         raise Unsupported(f"backend {backend.name} has no synchronized (sharded) layer")
-    trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=Variant(sharded=True), config=config)
+    trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=variant, config=config)
     layer: ShardedLayer = make(config, len(sizes))
     try:
         layer.set_state(_state_for_layer(initial_state(case, config.channels), config))

@@ -299,3 +299,39 @@ class DetachedSecondOrder(ReferenceLayer):
     def hvp(self, x, x_dtype, mask, dy, v):
         out = super().hvp(x, x_dtype, mask, dy, v)
         return Output(np.zeros_like(out.value), x_dtype)
+
+
+class NaiveFloat32Mean(ReferenceLayer):
+    """Sums the real rows in float32, one row after another, and divides by n: fine for
+    small batches, off by many ulps (and sigmas) for 1e5 rows around 1e6."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        rows, real_rows = ref.to_rows(x.astype(np.float32), axis), ref.to_rows(real, axis)
+        n = real_rows.sum(axis=0)
+        total = np.zeros(rows.shape[1], np.float32)
+        for block in np.array_split(np.where(real_rows, rows, np.float32(0)), max(len(rows) // 4096, 1)):
+            # numpy sums along axis 0 row after row (no pairwise tree): the naive float32 sum
+            total = total + np.add.reduce(block, axis=0, dtype=np.float32)
+        mean = (total / np.maximum(n, 1).astype(np.float32)).astype(np.float64)
+        state = self._full_state()
+        y, new_state, aux = ref.forward(x.astype(np.float64), real, state, self._cfg(axis), training)
+        if training:
+            d = self.config.decay
+            new_state["moving_mean"] = np.where(n > 0, d * state["moving_mean"] + (1 - d) * mean, state["moving_mean"])
+            shifted = dict(state, moving_mean=new_state["moving_mean"], moving_var=new_state["moving_var"])
+            cfg = dataclasses.replace(self._cfg(axis), decay=1.0)
+            y, _, aux = ref.forward(x.astype(np.float64), real, shifted, cfg, False)
+        self.state = {k: new_state[k].astype(self._store) for k in self.state}
+        return axis, y, aux
+
+
+class CompiledFormOffByOne(ReferenceBackend):
+    """Right in its default form, wrong (outputs +1e-2) in its second, "compiled" form:
+    the form axis must show that on its own ids."""
+
+    name = "broken-CompiledFormOffByOne"
+    forms = ("eager", "compiled")
+
+    def layer(self, config):
+        return OffsetOutput(config) if config.form == "compiled" else ReferenceLayer(config)

@@ -212,3 +212,23 @@ def test_cli_report_prints_reliability_summary(tmp_path):
     payload = json.loads((tmp_path / "conformance.json").read_text())
     reliability = payload["backends"]["reference"]["reliability"]
     assert reliability["failures"] == 0 and reliability["inputs_tried"] >= 9
+
+
+def test_differential_samples_at_scale_and_runs_in_a_form():
+    """In a form, the differential property builds its layers there (a backend wrong only in
+    that form is falsified), and at-scale examples hold >= 1e5 real rows."""
+    from broken_backends import CompiledFormOffByOne
+
+    from maskbn_conformance.harness import LoadedBackend
+
+    backend = CompiledFormOffByOne()
+    loaded = LoadedBackend(backend.name, backend, [])
+    few = settings(fuzz.ci_settings(4), report_multiple_bugs=False, phases=(Phase.explicit, Phase.generate))
+    fuzz.run_property("differential", loaded, few, form="eager", scale_share=2)
+    with pytest.raises(fuzz.CheckFailed, match="fuzz property 'differential' falsified"):
+        fuzz.run_property("differential", loaded, few, form="compiled", scale_share=2)
+    example = fuzz._scale_example("float32").example()
+    lengths = example.case["inputs"]["mask"]["lengths"]
+    assert example.case["expect"] == list(fuzz.SCALE_INVARIANTS) and min(lengths) >= 1
+    big = [fuzz._scale_example("float32").example() for _ in range(20)]
+    assert any(sum(e.case["inputs"]["mask"]["lengths"]) >= 100_000 for e in big)

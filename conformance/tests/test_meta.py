@@ -26,6 +26,7 @@ from broken_backends import (
     LossyPortableExport,
     LossyRoundTrip,
     MultipliesByMask,
+    NaiveFloat32Mean,
     NoMaskUsesOtherEpsilon,
     OffsetOutput,
     OneCountForAllChannels,
@@ -72,6 +73,8 @@ CAUGHT = [
     (AmbiguousMaskAsLeading, "ambiguous-mask-reads-positions", "float32", "moving_stats_match_reference"),
     (OneCountForAllChannels, "keras-mask-channels-first", "float32", "moving_stats_match_reference"),
     (DetachedSecondOrder, "hvp-half-mask", "float32", "second_derivatives_match_reference"),
+    (NaiveFloat32Mean, "scale-262k-rows-offset-1e6", "float32", "statistics_accurate_at_scale"),
+    (NaiveFloat32Mean, "scale-262k-rows-offset-1e6", "float32", "outputs_accurate_at_scale"),
     (PortableForgetsMovingVar, "portable-unbiased-moving-var", "float32", "portable_round_trip"),
     (EvalUsesBatchStats, "eval-after-training", "float32", "eval_ignores_mask"),
     (AlwaysAffine, "no-affine", "float32", "weights_follow_config"),
@@ -322,3 +325,40 @@ def test_cli_report_fails_on_a_missing_backend(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert "backend 'nonexistent' is not installed" in result.stdout
+
+
+def test_form_axis_gives_each_form_its_own_ids():
+    from broken_backends import CompiledFormOffByOne
+
+    backend = CompiledFormOffByOne()
+    loaded = LoadedBackend(backend.name, backend, [])
+    checks = [
+        c for c in checks_for(SPEC, backend.name, forms=backend.forms) if c.invariant == "output_matches_reference"
+    ]
+    default = [c for c in checks if c.form is None and c.case.id == "half-mask"]
+    compiled = [c for c in checks if c.form == "compiled" and c.case.id == "half-mask"]
+    assert default and compiled, "half-mask runs in every form"
+    assert compiled[0].id.startswith(f"{backend.name}-compiled-half-mask-")
+    assert default[0].id.startswith(f"{backend.name}-half-mask-")  # the default form's ids do not change
+    # only cases marked every_form get the other forms
+    assert {c.case.id for c in checks if c.form} == {c.id for c in SPEC.cases if c.raw.get("every_form")} & {
+        c.case.id for c in checks
+    }
+    assert run_check(default[0], loaded, SPEC, Runs()).status == "passed"
+    outcome = run_check(compiled[0], loaded, SPEC, Runs())
+    assert outcome.status == "failed" and "compiled-half-mask" in outcome.message
+
+
+def test_expectations_can_name_a_form(tmp_path):
+    from broken_backends import CompiledFormOffByOne
+
+    path = tmp_path / "expectations.yaml"
+    path.write_text(
+        "- {case: half-mask, invariant: output_matches_reference, form: compiled, status: xfail, reason: broken}\n"
+    )
+    backend = CompiledFormOffByOne()
+    loaded = LoadedBackend(backend.name, backend, load_expectations(path))
+    checks = [c for c in checks_for(SPEC, backend.name, forms=backend.forms) if c.case.id == "half-mask"]
+    by_form = {c.form: c for c in checks if c.invariant == "output_matches_reference" and c.dtype == "float32"}
+    assert run_check(by_form["compiled"], loaded, SPEC, Runs()).status == "xfailed"
+    assert run_check(by_form[None], loaded, SPEC, Runs()).status == "passed"

@@ -350,6 +350,8 @@ class JaxBackend:
 
     name = "jax"
     stock_moving_var = "population"
+    #: every call goes through jax.jit: JAX's one form (no eager form users run)
+    forms = ("jit",)
 
     def __init__(self):
         request_shard_devices()

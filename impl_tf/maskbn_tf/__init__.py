@@ -1,4 +1,4 @@
-"""maskbn_tf: masked batch normalization for Keras 3 (tested on the TensorFlow backend).
+"""maskbn_tf: masked batch normalization for Keras 3 (TensorFlow, JAX and torch backends).
 
 Batch statistics come only from the real (mask != 0) rows of a padded batch.
 """

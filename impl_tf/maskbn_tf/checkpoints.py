@@ -21,8 +21,8 @@ def save_portable(layer, directory) -> None:
     """Write ``layer``'s config and state in the maskbn portable format into ``directory``.
 
     ``maskbn.json`` holds the config in neutral terms (``decay`` is Keras'
-    ``momentum``) and ``maskbn.npz`` the state (``moving_var`` is the population
-    variance) in the variables' dtype. Any maskbn backend loads it. A built
+    ``momentum``; ``moving_var`` the convention of the stored moving variance,
+    "population" or "unbiased") and ``maskbn.npz`` the state in the variables' dtype. Any maskbn backend loads it. A built
     `keras.layers.BatchNormalization` is accepted too (its padded output is
     "normalize"), which turns a stock layer's state into a portable one.
     """
@@ -32,6 +32,11 @@ def save_portable(layer, directory) -> None:
         )
     if not layer.built:
         raise ValueError(f"layer {layer.name!r} is not built yet: it has no state to save")
+    if getattr(layer, "renorm", False):
+        raise ValueError(
+            f"layer {layer.name!r} uses renorm: batch renormalization's state (moving_stddev, renorm_mean, "
+            "renorm_stddev) is Keras-only and has no portable form; save the model as .keras instead"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
@@ -44,6 +49,8 @@ def save_portable(layer, directory) -> None:
         "center": bool(layer.center),
         "scale": bool(layer.scale),
         "padded_output": getattr(layer, "padded_output", "normalize"),
+        # the moving-variance convention (interface decision 1); a stock layer's is population
+        "moving_var": "unbiased" if getattr(layer, "unbiased_moving_variance", False) else "population",
     }
     state = {
         neutral: keras.ops.convert_to_numpy(getattr(layer, name))
@@ -64,6 +71,11 @@ def load_portable(directory, **kwargs) -> MaskedBatchNormalization:
     config = json.loads((directory / "maskbn.json").read_text())
     if config.get("format") != PORTABLE_FORMAT or config.get("version") != PORTABLE_VERSION:
         raise ValueError(f"{directory / 'maskbn.json'} is not a version {PORTABLE_VERSION} {PORTABLE_FORMAT} file")
+    moving_var = config.get("moving_var", "population")  # absent: population
+    if moving_var not in ("population", "unbiased"):
+        raise ValueError(
+            f"{directory / 'maskbn.json'}: moving_var must be 'population' or 'unbiased', got {moving_var!r}"
+        )
     with np.load(directory / "maskbn.npz") as saved:
         state = dict(saved)
     if state["moving_mean"].dtype == np.float64:
@@ -75,6 +87,7 @@ def load_portable(directory, **kwargs) -> MaskedBatchNormalization:
         center=config["center"],
         scale=config["scale"],
         padded_output=config["padded_output"],
+        unbiased_moving_variance=moving_var == "unbiased",
         **kwargs,
     )
     axis, channels = config["axis"], config["channels"]
@@ -110,7 +123,8 @@ def load_stock_weights(model: keras.Model, filepath) -> None:
     def stock_twin(layer):
         if isinstance(layer, MaskedBatchNormalization):
             config = layer.get_config()
-            config.pop("padded_output")
+            for knob in ("padded_output", "unbiased_moving_variance"):
+                config.pop(knob)
             return keras.layers.BatchNormalization.from_config(config)
         return layer.__class__.from_config(layer.get_config())
 

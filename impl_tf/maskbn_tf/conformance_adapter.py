@@ -48,14 +48,21 @@ def configure_shard_devices() -> bool:
 
 
 def _keras():
+    # TensorFlow unless KERAS_BACKEND says otherwise: the layer runs on Keras' jax and torch
+    # backends too (tox keras-jax / keras-torch), in the eager form only
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
-    if keras.config.backend() != "tensorflow":
-        raise RuntimeError(
-            f"the 'tf' maskbn backend needs KERAS_BACKEND=tensorflow, but Keras runs on {keras.config.backend()!r}"
-        )
     return keras
+
+
+def _on_tensorflow() -> bool:
+    return _keras().config.backend() == "tensorflow"
+
+
+def _forms() -> tuple[str, ...]:
+    # tf.function and XLA are TensorFlow's forms; elsewhere Keras calls the layer eagerly
+    return FORMS if _on_tensorflow() else FORMS[:1]
 
 
 def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
@@ -63,28 +70,53 @@ def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
     return {"unbiased_moving_variance": True} if config.moving_var == "unbiased" else {}
 
 
+#: the forms the adapter runs a layer in: eager (default), tf.function, tf.function(jit_compile=True)
+FORMS = ("eager", "function", "xla")
+
+
 class TFLayer:
-    """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol."""
+    """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol.
+
+    In the ``function`` and ``xla`` forms each call (forward, or forward and
+    backward together, as a training step runs) is one tf.function, traced per
+    input signature like a user's train step."""
 
     def __init__(self, layer, config: LayerConfig):
-        import tensorflow as tf
+        form = config.form or FORMS[0]
+        if form not in _forms():
+            raise Unsupported(f"the tf backend runs a layer in the forms {_forms()}, not {form!r}")
+        if _on_tensorflow():
+            import tensorflow as tf
 
-        self._tf = tf
+            self._tf = tf
         self._keras = _keras()
         self.layer = layer
         self.config = config
+        self._graphs: dict = {}
+
+    def _in_form(self, name: str, fn):
+        """``fn`` as the form runs it: itself (eager), or a tf.function kept per name."""
+        form = self.config.form or FORMS[0]
+        if form == "eager":
+            return fn
+        if name not in self._graphs:
+            self._graphs[name] = self._tf.function(fn, jit_compile=form == "xla", reduce_retracing=False)
+        return self._graphs[name]
 
     def _tensor(self, array: np.ndarray, dtype: str):
-        return self._tf.cast(self._tf.constant(np.asarray(array)), dtype)
+        ops = self._keras.ops
+        array = np.asarray(array)
+        # the array's own dtype first: Keras' torch backend would otherwise read float64 as floatx
+        return ops.cast(ops.convert_to_tensor(array, dtype=array.dtype.name), dtype)
 
     def _mask(self, mask: np.ndarray | None):
         # keeps the NumPy dtype (bool, int8, uint8, int32, int64, or float on purpose)
-        return None if mask is None else self._tf.constant(np.asarray(mask))
+        return None if mask is None else self._keras.ops.convert_to_tensor(np.asarray(mask))
 
     def _output(self, tensor) -> Output:
         name = self._keras.backend.standardize_dtype(tensor.dtype)
         wide = "float64" if name == "float64" else "float32"
-        return Output(self._tf.cast(tensor, wide).numpy(), name)
+        return Output(self._keras.ops.convert_to_numpy(self._keras.ops.cast(tensor, wide)), name)
 
     def _call(self, x, mask, training):
         if mask is None:
@@ -92,23 +124,42 @@ class TFLayer:
         return self.layer(x, training=training, mask=mask)
 
     def forward(self, x, x_dtype, mask, training):
-        return self._output(self._call(self._tensor(x, x_dtype), self._mask(mask), training))
-
-    def forward_backward(self, x, x_dtype, mask, dy):
-        x_t = self._tensor(x, x_dtype)
         mask_t = self._mask(mask)
-        weights = [self.layer.gamma if self.config.scale else None, self.layer.beta if self.config.center else None]
+        if mask_t is None:
+            call = self._in_form(f"forward-{training}", lambda x_: self._call(x_, None, training))
+            return self._output(call(self._tensor(x, x_dtype)))
+        call = self._in_form(f"forward-{training}-masked", lambda x_, m: self._call(x_, m, training))
+        return self._output(call(self._tensor(x, x_dtype), mask_t))
+
+    def _step(self, x_t, dy_t, mask_t):
+        weights = [w for w in (self.layer.gamma, self.layer.beta) if w is not None]
         with self._tf.GradientTape() as tape:
             tape.watch(x_t)
             y = self._call(x_t, mask_t, True)
         # the vector-Jacobian product with dy is the gradient of sum(y * dy)
-        sources = [x_t] + [w for w in weights if w is not None]
-        grads = iter(tape.gradient(y, sources, output_gradients=self._tensor(dy, x_dtype)))
-        dx = self._output(next(grads))
-        dgamma, dbeta = (None if w is None else np.asarray(next(grads).numpy()) for w in weights)
-        return self._output(y), Gradients(x=dx, gamma=dgamma, beta=dbeta)
+        return (y, *tape.gradient(y, [x_t, *weights], output_gradients=dy_t))
+
+    def forward_backward(self, x, x_dtype, mask, dy):
+        args = [self._tensor(x, x_dtype), self._tensor(dy, x_dtype)]
+        mask_t = self._mask(mask)
+        if not _on_tensorflow():
+            from maskbn_tf.autodiff import training_vjp
+
+            kwargs = {} if mask_t is None else {"mask": mask_t}
+            y, dx, weight_grads = training_vjp(self.layer, *args, **kwargs)
+            weight_grads = [self._keras.ops.convert_to_numpy(g) for g in weight_grads]
+        elif mask_t is None:
+            y, dx, *weight_grads = self._in_form("step", lambda x_, dy_: self._step(x_, dy_, None))(*args)
+        else:
+            y, dx, *weight_grads = self._in_form("step-masked", self._step)(*args, mask_t)
+        grads = iter(weight_grads)
+        dgamma = np.asarray(next(grads)) if self.config.scale else None
+        dbeta = np.asarray(next(grads)) if self.config.center else None
+        return self._output(y), Gradients(x=self._output(dx), gamma=dgamma, beta=dbeta)
 
     def hvp(self, x, x_dtype, mask, dy, v):
+        if not _on_tensorflow():
+            raise Unsupported("the second-order cases use nested tf.GradientTape: TensorFlow backend only")
         x_t = self._tensor(x, x_dtype)
         mask_t = self._mask(mask)
         with self._tf.GradientTape() as outer:
@@ -126,7 +177,7 @@ class TFLayer:
         for neutral, name in _WEIGHT_NAMES.items():
             variable = getattr(self.layer, name)
             if variable is not None:
-                state[neutral] = np.array(variable.numpy())
+                state[neutral] = np.array(self._keras.ops.convert_to_numpy(variable))
         return state
 
     def set_state(self, state):
@@ -139,7 +190,7 @@ class TFLayer:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "layer.keras"
         self._keras.saving.save_model(self.layer, path)
-        return TFLayer(self._keras.saving.load_model(path), self.config)
+        return TFLayer(self._keras.saving.load_model(path), self.config)  # same form
 
     def export_portable(self, directory: Path) -> None:
         from maskbn_tf import save_portable
@@ -241,8 +292,10 @@ class TFBackend:
     stock_moving_var = "population"
 
     def __init__(self):
-        configure_shard_devices()
         self._keras = _keras()
+        self.forms = _forms()
+        if _on_tensorflow():
+            configure_shard_devices()
 
     def _build(self, layer, config: LayerConfig):
         # Keras builds from a shape; only the channel axis needs a size. An out-of-range axis
@@ -253,7 +306,20 @@ class TFBackend:
         layer.build(tuple(shape))
         return TFLayer(layer, config)
 
+    def _check_dtype(self, config: LayerConfig) -> None:
+        backend = self._keras.config.backend()
+        if config.dtype == "float64" and backend == "jax":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                raise Unsupported("JAX without jax_enable_x64 has no float64: Keras-JAX computes it in float32")
+        if config.dtype == "float64" and backend == "torch":
+            # measured: a float64 keras.layers.BatchNormalization on Keras-torch is 1e-6 off a
+            # float64 reference, ours 4e-8: not float64 precision, so these cases cannot hold there
+            raise Unsupported("Keras' torch backend does not reach float64 precision (stock BN: 1e-6 off)")
+
     def layer(self, config: LayerConfig, synchronized: bool = False) -> TFLayer:
+        self._check_dtype(config)
         from maskbn_tf import MaskedBatchNormalization
 
         layer = MaskedBatchNormalization(
@@ -270,6 +336,11 @@ class TFBackend:
         return self._build(layer, config)
 
     def sharded_layer(self, config: LayerConfig, num_shards: int) -> TFShardedLayer:
+        if not _on_tensorflow():
+            raise Unsupported(
+                f"synchronized=True merges through tf.distribute: TensorFlow backend only (Keras runs on "
+                f"{self._keras.config.backend()})"
+            )
         return TFShardedLayer(self, config, num_shards)
 
     def import_portable(self, directory: Path) -> TFLayer:
@@ -303,6 +374,7 @@ class TFBackend:
         return masked
 
     def stock_layer(self, config: LayerConfig) -> TFLayer:
+        self._check_dtype(config)
         layer = self._keras.layers.BatchNormalization(
             axis=config.axis,
             momentum=config.decay,

@@ -1,8 +1,10 @@
 """`MaskedBatchNormalization`: a Keras 3 batch norm whose batch statistics come from real rows only.
 
-The maths is written with `keras.ops` and one `keras.ops.custom_gradient`, so the
-layer traces under `tf.function`, compiles under XLA (`jit_compile=True`) and has
-no Python branch on a tensor value (the empty-mask fallback is a `where`).
+The layer does the bookkeeping (validation, variables, moving averages, batch
+renormalization's corrections); the maths lives in `maskbn_tf.ops`, written with
+`keras.ops` and one `keras.ops.custom_gradient`, so the layer runs on every Keras
+backend, traces under `tf.function`, compiles under XLA and has no Python branch on a
+tensor value (the empty-mask fallback is a `where`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import keras
 import numpy as np
 from keras import constraints, initializers, ops, regularizers
 
+from maskbn_tf import ops as masked_ops
+
 PADDED_OUTPUTS = ("normalize", "zero")
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
 def _dtype_name(dtype) -> str:
@@ -28,8 +33,25 @@ def _check_mask_dtype(mask) -> None:
     if not _is_mask_dtype(name):
         raise TypeError(
             f"mask dtype {name} is not supported: pass a bool or integer mask (non-zero means a real "
-            "row); a float mask is rejected because its rounding would decide which rows count"
+            "row), e.g. `mask > 0` or `mask.astype(bool)`; a float mask is rejected because its "
+            "rounding would decide which rows count"
         )
+
+
+def _as_mask_tensor(mask):
+    """A Python list / NumPy mask as a tensor, its dtype checked first (a tensor passes through)."""
+    if isinstance(mask, (list, tuple, np.ndarray, bool, int)):
+        array = np.asarray(mask)
+        if array.dtype == object:
+            raise TypeError(f"mask {type(mask).__name__} is ragged or not numeric: pass a bool array")
+        if not (array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer)):
+            raise TypeError(
+                f"mask dtype {array.dtype} is not supported: pass a bool or integer mask (non-zero means a "
+                "real row), e.g. `np.asarray(mask) > 0`; a float mask is rejected because its rounding "
+                "would decide which rows count"
+            )
+        return ops.convert_to_tensor(array)
+    return mask
 
 
 def _read(variable):
@@ -43,31 +65,28 @@ def _read(variable):
     return ops.convert_to_tensor(variable)
 
 
-def _in_xla() -> bool:
-    """True while tracing for XLA (`tf.function(jit_compile=True)`, or inside such a function).
-
-    Decides only how a reduction's operand is spelled, never a value: XLA:CPU hands a sum
-    whose operand ends in a select to its fast reduction kernel, and a sum of a product to
-    a reduce-window tree about twice as slow, so under XLA the masked products are summed
-    as ``where(m, a * b, 0)``; elsewhere that select would be one more pass over the tensor.
-    """
-    if keras.config.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return False
-    try:  # a private TF module: without it, the plain spelling (correct, slower under XLA)
-        from tensorflow.python.ops import control_flow_util
-
-        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-    except (ImportError, AttributeError):
-        return False
+def _clone_initializer(initializer):
+    """A fresh copy (a new seed for seeded initializers), as Keras' own layer does."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
 
 
-def _dims_fit(shape, expected) -> bool:
-    # None (unknown while tracing) fits anything; the runtime broadcast catches the rest.
-    return len(shape) == len(expected) and all(a is None or b is None or a == b for a, b in zip(shape, expected))
+def _check_renorm_clipping(renorm_clipping) -> dict:
+    clipping = dict(renorm_clipping or {})
+    if set(clipping) - set(RENORM_CLIPPING_KEYS):
+        raise ValueError(
+            f"Received invalid keys for `renorm_clipping` argument: {renorm_clipping}. "
+            f"Supported values: {list(RENORM_CLIPPING_KEYS)}."
+        )
+    rmax, rmin, dmax = (clipping.get(k) for k in RENORM_CLIPPING_KEYS)
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            f"rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax={rmax}, rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}.")
+    return clipping
 
 
 @keras.saving.register_keras_serializable(package="maskbn")
@@ -79,12 +98,13 @@ class MaskedBatchNormalization(keras.layers.Layer):
     padded rows do not drag the mean toward the padding value nor shrink the
     variance.
 
-    Training call with n >= 1 real positions: per channel, mean and population
-    variance over the real positions (corrected two-pass, reduced in float32
-    even for float16/bfloat16 input), every row normalized with them, and
-    ``moving = momentum * moving + (1 - momentum) * batch``. Training call with
-    no real position: normalized with the moving statistics, nothing updated.
-    Inference call: normalized with the moving statistics.
+    Training call with n_c >= 1 real positions in channel c: mean and population
+    variance over them (one pass shifted by a real value of the channel, reduced in
+    float32 even for float16/bfloat16 input: accurate for |mean|/std up to 1e6 and
+    millions of rows), every row normalized with them, and
+    ``moving = momentum * moving + (1 - momentum) * batch``. A channel with no real
+    position is normalized with the moving statistics, which it keeps. Inference
+    call: normalized with the moving statistics.
 
     Padded rows are constants for autodiff: no gradient reaches ``x``, ``gamma``,
     ``beta`` or the statistics through them, and NaN/Inf garbage in them never
@@ -100,31 +120,41 @@ class MaskedBatchNormalization(keras.layers.Layer):
         moving_variance_initializer: initializers of the four weights.
         beta_regularizer, gamma_regularizer: optional regularizers.
         beta_constraint, gamma_constraint: optional constraints.
+        renorm, renorm_clipping, renorm_momentum: batch renormalization, with the
+            meaning of `keras.layers.BatchNormalization` (r and d from the masked
+            batch statistics, clipped, constants for autodiff; ``moving_stddev``,
+            ``renorm_mean`` and ``renorm_stddev`` variables).
         synchronized: in training under a `tf.distribute` strategy with several
-            replicas, merge the per-replica (count, sum, centred sum of squares)
+            replicas, merge the per-replica (count, sums about a shared shift)
             with an all-reduce, so every replica normalizes with the statistics of
             the whole global batch (replicas without any real row included); the
             backward pass all-reduces its sums too. TensorFlow backend only.
         padded_output: ``"normalize"`` (padded rows are normalized like real
             ones, as a stock batch norm would) or ``"zero"`` (padded rows of the
             output are exactly 0).
+        unbiased_moving_variance: store n/(n-1) x the batch variance in the moving
+            variance (PyTorch's convention; n = 1 stores the variance as is) instead
+            of the population variance (Keras' convention, the default).
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``...).
 
     Call arguments:
         inputs: a float tensor with a channel axis.
         training: batch statistics and moving-average updates when True (and the
             layer is trainable); moving statistics otherwise.
-        mask: bool or integer tensor, non-zero for real positions, shaped as
-            ``inputs`` without the channel axis, or as ``inputs`` with a size-1
-            channel axis. Propagated Keras masks (`Masking`,
-            `Embedding(mask_zero=True)`) arrive here automatically and are
-            handed on unchanged. ``None`` means every position is real.
+        mask: bool or integer (tensor, NumPy array or list), non-zero for real
+            positions: shaped as ``inputs`` without the channel axis; or, as Keras
+            hands masks on, of rank(inputs) - 1 covering the leading axes; or of
+            ``inputs``' rank, broadcastable to it (a mask that varies along the
+            channel axis gives per-channel counts). Where a rank(inputs) - 1 shape
+            fits both readings, "without the channel axis" wins. Propagated Keras
+            masks (`Masking`, `Embedding(mask_zero=True)`) arrive here
+            automatically and are handed on unchanged. ``None``: every position is real.
 
     Weights are named and ordered as in `keras.layers.BatchNormalization`
-    (gamma, beta, moving_mean, moving_variance), so
-    ``layer.set_weights(stock_bn.get_weights())`` works. Under the
-    ``mixed_float16`` / ``mixed_bfloat16`` policies the variables stay float32
-    and the output has the compute dtype.
+    (gamma, beta, moving_mean, moving_variance, then with renorm moving_stddev,
+    renorm_mean, renorm_stddev), so ``layer.set_weights(stock_bn.get_weights())``
+    works. Under the ``mixed_float16`` / ``mixed_bfloat16`` policies the variables
+    stay float32 and the output has the compute dtype.
     """
 
     def __init__(
@@ -142,8 +172,12 @@ class MaskedBatchNormalization(keras.layers.Layer):
         gamma_regularizer=None,
         beta_constraint=None,
         gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
         synchronized=False,
         padded_output="normalize",
+        unbiased_moving_variance=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -167,8 +201,14 @@ class MaskedBatchNormalization(keras.layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = bool(renorm)
+        # as Keras: the argument is kept as given (None stays None in the config)
+        self.renorm_clipping = renorm_clipping
+        self._clipping = _check_renorm_clipping(renorm_clipping) if self.renorm else {}
+        self.renorm_momentum = renorm_momentum
         self.synchronized = bool(synchronized)
         self.padded_output = padded_output
+        self.unbiased_moving_variance = bool(unbiased_moving_variance)
         self.supports_masking = True
 
         self.gamma = None
@@ -186,7 +226,7 @@ class MaskedBatchNormalization(keras.layers.Layer):
         return self.axis % rank
 
     def build(self, input_shape):
-        """Create gamma, beta, moving_mean, moving_variance (in that order) for ``input_shape``."""
+        """Create gamma, beta, moving_mean, moving_variance (and the renorm variables) for ``input_shape``."""
         input_shape = tuple(input_shape)
         channels = input_shape[self._channel_axis(input_shape)]
         if channels is None:
@@ -195,7 +235,11 @@ class MaskedBatchNormalization(keras.layers.Layer):
             )
         self.channels = int(channels)
         shape = (self.channels,)
+
         # autocast=False: the weights stay in the variable dtype (float32 under mixed precision).
+        def state(name, initializer):
+            return self.add_weight(shape=shape, name=name, initializer=initializer, trainable=False, autocast=False)
+
         if self.scale:
             self.gamma = self.add_weight(
                 shape=shape,
@@ -216,27 +260,29 @@ class MaskedBatchNormalization(keras.layers.Layer):
                 trainable=True,
                 autocast=False,
             )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
-        )
+        self.moving_mean = state("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = state("moving_variance", self.moving_variance_initializer)
+        if self.renorm:
+            # As Keras: the stddevs start as the square root of the variance initializer.
+            def stddev_initializer(shape, dtype=None):
+                return ops.sqrt(_clone_initializer(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            self.moving_stddev = state("moving_stddev", stddev_initializer)
+            self.renorm_mean = state("renorm_mean", _clone_initializer(self.moving_mean_initializer))
+            self.renorm_stddev = state("renorm_stddev", stddev_initializer)
 
     # -- calling -----------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):
         # Keras autocasts float arguments (a mask included) to the compute dtype before `call`
         # sees them; check the mask first so the error names the dtype the caller passed.
-        mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
+        if "mask" in kwargs:
+            mask = kwargs["mask"] = _as_mask_tensor(kwargs["mask"])
+        elif len(args) > 2:
+            mask = _as_mask_tensor(args[2])
+            args = (*args[:2], mask, *args[3:])
+        else:
+            mask = None
         if mask is not None and hasattr(mask, "dtype"):
             _check_mask_dtype(mask)
         return super().__call__(*args, **kwargs)
@@ -247,10 +293,6 @@ class MaskedBatchNormalization(keras.layers.Layer):
         if not keras.backend.is_float_dtype(x_dtype):
             raise TypeError(f"x dtype {x_dtype} is not a floating dtype: MaskedBatchNormalization needs float input")
         x_shape = tuple(inputs.shape)
-        if 0 in x_shape:
-            # (a size known only at run time cannot be checked here: such a batch has no real
-            # row and takes the empty-mask path)
-            raise ValueError(f"x shape {x_shape} is empty: batch normalization needs at least one position")
         axis = self._channel_axis(x_shape)
         if x_shape[axis] is not None and x_shape[axis] != self.channels:
             raise ValueError(
@@ -259,108 +301,132 @@ class MaskedBatchNormalization(keras.layers.Layer):
             )
         if mask is None:
             return axis, None
+        mask = _as_mask_tensor(mask)
         _check_mask_dtype(mask)
-        m_shape = tuple(mask.shape)
-        without_channel = x_shape[:axis] + x_shape[axis + 1 :]
-        unit_channel = x_shape[:axis] + (1,) + x_shape[axis + 1 :]
-        if _dims_fit(m_shape, without_channel):
-            mask = ops.expand_dims(mask, axis)
-        elif not _dims_fit(m_shape, unit_channel):
-            raise ValueError(
-                f"mask shape {m_shape} does not fit x shape {x_shape}: expected {without_channel} "
-                f"(x without its channel axis {self.axis}) or {unit_channel} (a size-1 channel axis)"
-            )
-        mask = mask if _dtype_name(mask.dtype) == "bool" else ops.not_equal(mask, 0)
-        return axis, mask
+        return axis, masked_ops.broadcast_mask(mask, x_shape, axis)
 
     def call(self, inputs, training=None, mask=None):
         axis, m = self._validate(inputs, mask)
         out_dtype = inputs.dtype
         # float16/bfloat16 are reduced and normalized in float32; a float64 input stays float64.
         cdt = "float64" if _dtype_name(out_dtype) == "float64" else "float32"
+        if 0 in tuple(inputs.shape):
+            # a zero-size batch: an empty output, nothing updated (as stock PyTorch)
+            return ops.cast(inputs, out_dtype)
         x = ops.cast(inputs, cdt)
         rank = len(x.shape)
-        red = tuple(i for i in range(rank) if i != axis)
         bshape = [1] * rank
         bshape[axis] = self.channels
 
         def per_channel(v):
             return ops.reshape(ops.cast(v, cdt), bshape)
 
-        def real_or(a, b):
-            return a if m is None else ops.where(m, a, b)
-
         moving_mean = per_channel(self.moving_mean)
         moving_var = per_channel(self.moving_variance)
-        use_batch = bool(training) and self.trainable
+        params = {
+            "gamma": _read(self.gamma) if self.scale else None,
+            "beta": _read(self.beta) if self.center else None,
+        }
+        normalize = dict(axis=axis, epsilon=self.epsilon, zero_padded=self.padded_output == "zero")
 
-        if use_batch:
-            # Identity on one device; a cross-replica sum under a synchronized strategy.
-            replica_sum = self._replica_sum()
-            if m is None:
-                n = 1
-                for i in red:
-                    n = n * ops.shape(x)[i]
-                n = ops.cast(n, cdt)
-            else:
-                n = ops.cast(ops.sum(ops.cast(m, "int32")), cdt)
-            xs = real_or(x, 0.0)
-            xla_selects = m is not None and _in_xla()
-            n, total = replica_sum(n, ops.sum(xs, axis=red, keepdims=True))
-            n_safe = ops.maximum(n, 1.0)
-            has_rows = ops.greater(n, 0.0)
-            batch_mean = total / n_safe
-            # corrected two-pass: the centred sum corrects the rounding of the mean, so the
-            # variance keeps its relative accuracy for |mean| / std up to 1e6.
-            d = real_or(xs - batch_mean, 0.0)
-            # Under XLA, real_or(d * d, 0): the same values (d is 0 on padded rows), reduced by
-            # XLA:CPU's fast kernel instead of its reduce-window tree (see _in_xla).
-            dd = real_or(d * d, 0.0) if xla_selects else d * d
-            sum_sq = ops.sum(dd, axis=red, keepdims=True)
-            sum_sq, sum_d = replica_sum(sum_sq, ops.sum(d, axis=red, keepdims=True))
-            batch_var = sum_sq / n_safe - ops.square(sum_d / n_safe)
-            batch_var = ops.maximum(batch_var, 0.0)
-            # The custom gradient below already accounts for the statistics' dependence on x.
-            batch_mean = ops.stop_gradient(batch_mean)
-            batch_var = ops.stop_gradient(batch_var)
-            # Empty mask: fall back to the moving statistics, as a select (traceable, jit-safe).
-            mean = ops.where(has_rows, batch_mean, moving_mean)
-            var = ops.where(has_rows, batch_var, moving_var)
-        else:
-            n_safe = has_rows = None
-            mean, var = moving_mean, moving_var
-            replica_sum = None
+        if not (bool(training) and self.trainable):
+            y = masked_ops.masked_normalize(
+                x, m, moving_mean, ops.zeros_like(moving_mean), moving_var, params, **normalize
+            )
+            return ops.cast(y, out_dtype)
 
-        y = self._normalize(x, m, red, mean, var, per_channel, n_safe, replica_sum)
-
-        if use_batch:
-            # Shape validation ran above, so a call that raises never reaches these updates.
-            self._update_moving(self.moving_mean, moving_mean, batch_mean, has_rows)
-            self._update_moving(self.moving_variance, moving_var, batch_var, has_rows)
+        # Identity on one device; a cross-replica sum under a synchronized strategy.
+        replica_sum = self._replica_sum()
+        moments = masked_ops.masked_moments(x, m, axis, fallback_shift=moving_mean, replica_sum=replica_sum)
+        count = moments.count
+        has_rows = ops.greater(count, 0.0)
+        # The custom gradient already accounts for the statistics' dependence on x.
+        shift, delta, batch_var = (ops.stop_gradient(t) for t in (moments.shift, moments.delta, moments.variance))
+        batch_mean = shift + delta
+        # A channel without a real position: the moving statistics (shift is its moving mean there).
+        delta = ops.where(has_rows, delta, 0.0)
+        var = ops.where(has_rows, batch_var, moving_var)
+        renorm = self._renorm_corrections(batch_mean, batch_var, has_rows, cdt) if self.renorm else None
+        y = masked_ops.masked_normalize(
+            x,
+            m,
+            shift,
+            delta,
+            var,
+            params,
+            count=count,
+            # constants to the custom gradient, which accounts for x itself
+            centered=ops.stop_gradient(moments.centered),
+            centered_real=ops.stop_gradient(moments.centered_real),
+            renorm=renorm,
+            replica_sum=replica_sum,
+            **normalize,
+        )
+        # Shape validation ran above, so a call that raises never reaches these updates.
+        self._update_moving_statistics(batch_mean, batch_var, count, has_rows, cdt)
         return ops.cast(y, out_dtype)
 
-    def _update_moving(self, variable, moving, batch, has_rows):
-        new = moving * self.momentum + batch * (1.0 - self.momentum)
-        new = ops.where(has_rows, new, moving)
+    def _renorm_corrections(self, mean, variance, has_rows, cdt):
+        """Batch renormalization's (r, d), as Keras computes them, from the masked batch statistics."""
+        stddev = ops.sqrt(variance + self.epsilon)
+        shape = ops.shape(mean)
+        renorm_mean = ops.reshape(ops.cast(self.renorm_mean, cdt), shape)
+        renorm_stddev = ops.maximum(
+            ops.reshape(ops.cast(self.renorm_stddev, cdt), shape), ops.cast(np.sqrt(self.epsilon), cdt)
+        )
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        rmin, rmax, dmax = (self._clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+        if rmin is not None:
+            r = ops.maximum(r, rmin)
+        if rmax is not None:
+            r = ops.minimum(r, rmax)
+        if dmax is not None:
+            d = ops.clip(d, -dmax, dmax)
+        # a channel without real rows is normalized with the moving statistics: no correction
+        return ops.where(has_rows, r, 1.0), ops.where(has_rows, d, 0.0)
+
+    def _update_moving_statistics(self, batch_mean, batch_var, count, has_rows, cdt):
+        if self.unbiased_moving_variance:
+            # n / (n - 1), and 1 for n = 1 (interface decision 1)
+            batch_var = batch_var * count / ops.maximum(count - 1.0, 1.0)
+        updates = []
+        if self.renorm:
+            stddev = ops.sqrt(batch_var + self.epsilon)
+            updates += [
+                (self.renorm_mean, batch_mean, self.renorm_momentum),
+                (self.renorm_stddev, stddev, self.renorm_momentum),
+            ]
+        updates.append((self.moving_mean, batch_mean, self.momentum))
+        if self.renorm:
+            updates.append((self.moving_stddev, stddev, self.momentum))
+        else:
+            updates.append((self.moving_variance, batch_var, self.momentum))
+        for variable, batch, momentum in updates:
+            self._assign_moving(variable, batch, momentum, has_rows, cdt)
+        if self.renorm:
+            # As Keras: the moving variance follows the moving stddev (ReLU against rounding).
+            stddev = ops.cast(self.moving_stddev, cdt)
+            self.moving_variance.assign(ops.cast(ops.relu(stddev * stddev - self.epsilon), self.moving_variance.dtype))
+
+    def _assign_moving(self, variable, batch, momentum, has_rows, cdt):
+        moving = ops.reshape(ops.cast(variable, cdt), ops.shape(batch))
+        new = ops.where(has_rows, moving * momentum + batch * (1.0 - momentum), moving)
         variable.assign(ops.cast(ops.reshape(new, (self.channels,)), variable.dtype))
 
     def _replica_sum(self):
         """f(*tensors) -> the tensors summed over the replicas that share the batch statistics.
 
-        The identity unless ``synchronized`` and inside a replica context with more
-        than one replica. The tensors go through a single all-reduce, packed flat.
+        `maskbn_tf.ops.local_sum` unless ``synchronized`` and inside a replica context with
+        more than one replica. The tensors go through a single all-reduce, packed flat.
         """
-
-        def local(*tensors):
-            return tensors
-
         if not self.synchronized:
-            return local
+            return masked_ops.local_sum
         import tensorflow as tf
 
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1:
-            return local
+            return masked_ops.local_sum
 
         def summed(*tensors):
             flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
@@ -369,71 +435,6 @@ class MaskedBatchNormalization(keras.layers.Layer):
             return tuple(tf.reshape(part, tf.shape(t)) for part, t in zip(tf.split(flat, sizes), tensors))
 
         return summed
-
-    def _normalize(self, x, m, red, mean, var, per_channel, n_safe, replica_sum):
-        """y = gamma * (x - mean) * rsqrt(var + eps) + beta with the masked-BN gradient.
-
-        ``n_safe`` / ``replica_sum`` are None when ``mean`` / ``var`` are the
-        moving statistics (constants); otherwise ``mean`` / ``var`` are the batch
-        statistics of the real rows (of every replica, through ``replica_sum``)
-        and the backward pass includes their dependence on x.
-        """
-        r = ops.rsqrt(var + self.epsilon)
-        params = []
-        if self.scale:
-            params.append(_read(self.gamma))
-        if self.center:
-            params.append(_read(self.beta))
-        zero_padded = self.padded_output == "zero"
-        scale, center = self.scale, self.center
-        xla_selects = m is not None and _in_xla()
-
-        def real_or(a, b):
-            return a if m is None else ops.where(m, a, b)
-
-        @ops.custom_gradient
-        def normalize(x, *params):
-            gamma = per_channel(params[0]) if scale else None
-            beta = per_channel(params[-1]) if center else None
-            factor = r if gamma is None else gamma * r
-            # (x - mean) first: folding mean into an offset would cancel catastrophically
-            # when |mean| >> std.
-            y = (x - mean) * factor
-            if beta is not None:
-                y = y + beta
-            if zero_padded:
-                y = real_or(y, 0.0)
-
-            def grad(*args, upstream=None):
-                dy = args[0] if upstream is None else upstream
-                dy = ops.cast(dy, x.dtype)
-                # Padded rows are constants: their dy never counts, and xhat is computed on
-                # where(m, x, 0) so NaN/Inf garbage cannot reach any product (0 * NaN = NaN).
-                dy_real = real_or(dy, 0.0)
-                xhat = (real_or(x, 0.0) - mean) * r
-                s1 = ops.sum(dy_real, axis=red, keepdims=True)
-                # Under XLA, the same values spelled as a select (dy_real is 0 on padded rows).
-                dy_xhat = real_or(dy * xhat, 0.0) if xla_selects else dy_real * xhat
-                s2 = ops.sum(dy_xhat, axis=red, keepdims=True)
-                g = dy_real
-                if n_safe is not None:
-                    # Batch statistics depend on every real row (of every replica: the sums are
-                    # merged like the forward's). With no real row, dy_real, s1 and s2 are all
-                    # 0, so this term is 0 and the gradient is all zeros.
-                    all_s1, all_s2 = replica_sum(s1, s2)
-                    g = dy_real - (all_s1 + xhat * all_s2) / n_safe
-                dx = real_or(factor * g, 0.0)
-                # gamma/beta get this replica's share; the optimizer sums the replicas' gradients.
-                grads = [dx]
-                if scale:
-                    grads.append(ops.cast(ops.reshape(s2, params[0].shape), params[0].dtype))
-                if center:
-                    grads.append(ops.cast(ops.reshape(s1, params[-1].shape), params[-1].dtype))
-                return tuple(grads)
-
-            return y, grad
-
-        return normalize(x, *params)
 
     def compute_mask(self, inputs, mask=None):
         """Hand the incoming Keras mask on unchanged."""
@@ -459,8 +460,12 @@ class MaskedBatchNormalization(keras.layers.Layer):
                 "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
                 "beta_constraint": constraints.serialize(self.beta_constraint),
                 "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "renorm": self.renorm,
+                "renorm_clipping": self.renorm_clipping,
+                "renorm_momentum": self.renorm_momentum,
                 "synchronized": self.synchronized,
                 "padded_output": self.padded_output,
+                "unbiased_moving_variance": self.unbiased_moving_variance,
             }
         )
         return config

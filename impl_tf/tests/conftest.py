@@ -1,8 +1,9 @@
-"""Shared fixtures for the maskbn_tf unit tests (Keras on the TensorFlow backend)."""
+"""Shared fixtures for the maskbn_tf unit tests, on whichever Keras backend KERAS_BACKEND names
+(tox: tf, keras-jax, keras-torch); modules that need TensorFlow itself skip elsewhere."""
 
 import os
 
-# Before Keras is imported anywhere: these tests are about the TensorFlow backend.
+# Before Keras is imported anywhere: TensorFlow unless the env says otherwise.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -12,17 +13,24 @@ import pytest
 
 # `pytest impl_tf/tests spec --backend tf` (tox -e tf) runs the spec in this process: split
 # the CPU for its sharded cases now, before any test starts TensorFlow's runtime.
-try:
-    from maskbn_tf.conformance_adapter import configure_shard_devices
-except ImportError:  # maskbn-conformance not installed: only the unit tests run
-    pass
-else:
-    configure_shard_devices()
+if keras.config.backend() == "tensorflow":
+    try:
+        from maskbn_tf.conformance_adapter import configure_shard_devices
+    except ImportError:  # maskbn-conformance not installed: only the unit tests run
+        pass
+    else:
+        configure_shard_devices()
 
 
-def pytest_configure(config):
-    if keras.config.backend() != "tensorflow":
-        raise pytest.UsageError(f"maskbn_tf tests need KERAS_BACKEND=tensorflow, got {keras.config.backend()!r}")
+def pytest_collection_modifyitems(config, items):
+    """A module that sets NEEDS_TENSORFLOW_BACKEND (tf.function, XLA, tf.distribute) skips,
+    visibly, unless Keras runs on TensorFlow."""
+    if keras.config.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"needs Keras' TensorFlow backend; Keras runs on {keras.config.backend()}")
+    for item in items:
+        if getattr(item.module, "NEEDS_TENSORFLOW_BACKEND", False):
+            item.add_marker(skip)
 
 
 @pytest.fixture

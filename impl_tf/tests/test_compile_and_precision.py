@@ -3,9 +3,12 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from maskbn_tf import MaskedBatchNormalization
+tf = pytest.importorskip("tensorflow", reason="tf.function and XLA forms need TensorFlow")
+
+from maskbn_tf import MaskedBatchNormalization  # noqa: E402
+
+NEEDS_TENSORFLOW_BACKEND = True
 
 MODES = {
     "eager": lambda f: f,

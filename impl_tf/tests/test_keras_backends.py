@@ -1,19 +1,15 @@
-"""The layer is written in keras.ops, so it also runs on Keras' JAX and torch backends.
+"""Outputs, moving statistics and gradients through the running Keras backend's own autodiff.
 
-Each backend runs in its own process (Keras picks a backend once per process), and only
-where that framework is installed: the tf env has neither, so there these are skips.
+The layer is written in keras.ops, so it runs on every Keras backend; tox runs this module
+under each (tf, keras-jax, keras-torch), in-process.
 """
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+import keras
 import numpy as np
 import pytest
 
-WORKER = Path(__file__).with_name("_keras_backend_worker.py")
+from maskbn_tf import MaskedBatchNormalization
+from maskbn_tf.autodiff import training_vjp
 
 
 def _reference(x, mask, dy, eps=1e-3):
@@ -27,17 +23,26 @@ def _reference(x, mask, dy, eps=1e-3):
     return {"y": xhat, "moving_mean": mean, "moving_var": var, "dx": dx, "dgamma": s2, "dbeta": s1}
 
 
-@pytest.fixture(scope="module", params=["jax", "torch"])
-def results(request, tmp_path_factory):
-    backend = request.param
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed in this environment")
-    out = tmp_path_factory.mktemp(backend) / "results.npz"
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    done = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with np.load(out) as data:
-        return dict(data)
+def _step(x, mask, dy):
+    layer = MaskedBatchNormalization(momentum=0.0)
+    layer.build(x.shape)
+    y, dx, (dgamma, dbeta) = training_vjp(layer, x, dy, mask=mask)
+    values = dict(y=y, moving_mean=layer.moving_mean, moving_var=layer.moving_variance, dx=dx)
+    values.update(dgamma=dgamma, dbeta=dbeta)
+    return {k: keras.ops.convert_to_numpy(v) for k, v in values.items()}
+
+
+@pytest.fixture(scope="module")
+def results():
+    rng = np.random.default_rng(0)
+    mask = np.arange(10)[None, :] < np.array([10, 6, 3, 1])[:, None]
+    x = rng.normal(4.0, 2.0, size=(4, 10, 3)).astype(np.float32)
+    dy = np.where(mask[..., None], rng.normal(size=x.shape), 0.0).astype(np.float32)
+    out = {"x": x, "mask": mask, "dy": dy}
+    for fill in ("zero", "nan"):
+        padded = np.where(mask[..., None], x, 0.0 if fill == "zero" else np.nan).astype(np.float32)
+        out.update({f"{fill}-{k}": v for k, v in _step(padded, mask, dy).items()})
+    return out
 
 
 @pytest.mark.parametrize("quantity", ["y", "moving_mean", "moving_var", "dx", "dgamma", "dbeta"])
@@ -55,3 +60,11 @@ def test_matches_reference_and_isolates_nan_padding(results, quantity):
     if quantity == "y":
         clean, dirty = clean[mask], dirty[mask]
     np.testing.assert_array_equal(dirty, clean)
+
+
+def test_synchronized_needs_tensorflow_elsewhere():
+    if keras.config.backend() == "tensorflow":
+        assert MaskedBatchNormalization(synchronized=True).synchronized
+    else:
+        with pytest.raises(ValueError, match="TensorFlow backend"):
+            MaskedBatchNormalization(synchronized=True)

@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from maskbn_tf import MaskedBatchNormalization
+
+as_numpy = keras.ops.convert_to_numpy  # any backend's tensor (a torch one requiring grad too)
 
 EVERY_KNOB = dict(
     axis=1,
@@ -22,6 +23,10 @@ EVERY_KNOB = dict(
     beta_constraint=keras.constraints.NonNeg(),
     gamma_constraint=keras.constraints.MaxNorm(2.0),
     padded_output="zero",
+    renorm=True,
+    renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0},
+    renorm_momentum=0.9,
+    unbiased_moving_variance=True,
     name="knobs",
     dtype="mixed_bfloat16",
 )
@@ -68,9 +73,13 @@ def test_stock_weights_load_and_give_stock_outputs(rng):
     ours.set_weights(stock.get_weights())
     for got, want in zip(ours.get_weights(), stock.get_weights()):
         np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(ours(x, training=False), stock(x, training=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        as_numpy(ours(x, training=False)), as_numpy(stock(x, training=False)), rtol=1e-6, atol=1e-6
+    )
     # without a mask every row is real: training matches the stock layer too
-    np.testing.assert_allclose(ours(x, training=True), stock(x, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        as_numpy(ours(x, training=True)), as_numpy(stock(x, training=True)), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(ours.moving_mean, stock.moving_mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours.moving_variance, stock.moving_variance, rtol=1e-5)
 
@@ -83,7 +92,7 @@ def test_masked_statistics_and_update(padded_batch, masked_moments):
     np.testing.assert_allclose(layer.moving_mean, 0.75 * mean, rtol=1e-6)
     np.testing.assert_allclose(layer.moving_variance, 0.25 + 0.75 * var, rtol=1e-6)
     want = (x - mean) / np.sqrt(var + 1e-3)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(as_numpy(y), want, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_mask_uses_moving_stats_and_updates_nothing(padded_batch):
@@ -94,7 +103,7 @@ def test_empty_mask_uses_moving_stats_and_updates_nothing(padded_batch):
     y = layer(x, training=True, mask=np.zeros_like(mask))
     np.testing.assert_array_equal(layer.moving_mean, np.ones(3, np.float32))
     np.testing.assert_array_equal(layer.moving_variance, np.full(3, 4.0, np.float32))
-    np.testing.assert_array_equal(y, layer(x, training=False))
+    np.testing.assert_array_equal(as_numpy(y), as_numpy(layer(x, training=False)))
 
 
 def test_not_trainable_means_inference_like_stock(padded_batch):
@@ -103,7 +112,7 @@ def test_not_trainable_means_inference_like_stock(padded_batch):
     layer.trainable = False
     y = layer(x, training=True, mask=mask)
     np.testing.assert_array_equal(layer.moving_mean, np.zeros(3, np.float32))
-    np.testing.assert_array_equal(y, layer(x, training=False, mask=mask))
+    np.testing.assert_array_equal(as_numpy(y), as_numpy(layer(x, training=False, mask=mask)))
 
 
 def test_regularizer_losses_are_collected():
@@ -120,7 +129,7 @@ def test_constraint_is_attached():
 
 
 def _state(layer):
-    return [w.numpy().copy() for w in layer.weights]
+    return [keras.ops.convert_to_numpy(w).copy() for w in layer.weights]
 
 
 BAD_CALLS = {
@@ -129,10 +138,10 @@ BAD_CALLS = {
         ValueError,
         ["(4, 7)", "(4, 8, 3)"],
     ),
-    "full-shape-mask": (
-        lambda: dict(x=np.ones((4, 8, 3), np.float32), mask=np.ones((4, 8, 3), bool)),
+    "same-rank-mask-not-broadcasting": (
+        lambda: dict(x=np.ones((4, 8, 3), np.float32), mask=np.ones((4, 8, 2), bool)),
         ValueError,
-        ["(4, 8, 3)"],
+        ["(4, 8, 2)", "(4, 8, 3)"],
     ),
     "float-mask": (
         lambda: dict(x=np.ones((4, 8, 3), np.float32), mask=np.ones((4, 8), np.float32)),
@@ -141,11 +150,6 @@ BAD_CALLS = {
     ),
     "integer-x": (lambda: dict(x=np.ones((4, 8, 3), np.int32), mask=None), TypeError, ["int32"]),
     "channel-count": (lambda: dict(x=np.ones((4, 8, 5), np.float32), mask=None), ValueError, ["5", "3"]),
-    "zero-size-batch": (
-        lambda: dict(x=np.ones((0, 8, 3), np.float32), mask=np.ones((0, 8), bool)),
-        ValueError,
-        ["(0, 8, 3)"],
-    ),
     "rank-too-small-for-axis": (lambda: dict(x=np.ones((4,), np.float32), mask=None), ValueError, ["axis"]),
 }
 
@@ -158,9 +162,9 @@ def test_bad_input_raises_clearly_and_changes_nothing(case, policy):
     layer.build((None, None, 3))
     before = _state(layer)
     args = make()
-    kwargs = {} if args["mask"] is None else {"mask": tf.constant(args["mask"])}
+    kwargs = {} if args["mask"] is None else {"mask": keras.ops.convert_to_tensor(args["mask"])}
     with pytest.raises(error) as info:
-        layer(tf.constant(args["x"]), training=True, **kwargs)
+        layer(keras.ops.convert_to_tensor(args["x"]), training=True, **kwargs)
     for text in mentions:
         # under mixed_float16 Keras would autocast a float32 mask to float16; the message names
         # what the caller passed
@@ -189,6 +193,7 @@ def test_unknown_padded_output_raises():
         MaskedBatchNormalization(padded_output="drop")
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="synchronized=True needs the TensorFlow backend")
 def test_synchronized_outside_a_strategy_is_the_local_layer(padded_batch):
     x, mask = padded_batch
     synced, local = MaskedBatchNormalization(synchronized=True), MaskedBatchNormalization()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+NEEDS_TENSORFLOW_BACKEND = True
 WORKER = Path(__file__).with_name("_sync_worker.py")
 QUANTITIES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
 

@@ -7,15 +7,21 @@
 """
 
 from . import functional
+from .errors import ChannelMismatchError
 from .functional import masked_batch_norm
 from .modules import MaskedBatchNorm, convert_batchnorm
 from .portable import load_portable, save_portable
+from .scope import bind_mask_scope, checkpoint_context_fn, mask_scope
 
 __all__ = [
+    "ChannelMismatchError",
     "MaskedBatchNorm",
+    "bind_mask_scope",
+    "checkpoint_context_fn",
     "convert_batchnorm",
     "functional",
     "load_portable",
+    "mask_scope",
     "masked_batch_norm",
     "save_portable",
 ]

@@ -84,18 +84,36 @@ class _StockBatchNorm(nn.Module):
         return self.bn(x.movedim(self.axis, 1)).movedim(1, self.axis)
 
 
+#: the forms the adapter runs a module in: eager (default) and torch.compile
+FORMS = ("eager", "compile")
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    # Every new layer, shape, dtype and train/eval mode is a recompile of the same
+    # forward; past dynamo's default limit (8) it would silently run eager, so the
+    # limit goes up: a check in the compile form must run compiled code.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4096)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 65536)
+    return torch.compile(module, dynamic=False)
+
+
 class TorchLayer:
     """One module (masked or stock) driven through the adapter protocol."""
 
-    def __init__(self, module: nn.Module, params: nn.Module) -> None:
+    def __init__(self, module: nn.Module, params: nn.Module, form: str | None = None) -> None:
+        if (form or FORMS[0]) not in FORMS:
+            raise Unsupported(f"torch runs a layer in the forms {FORMS}, not {form!r}")
         self.module = module
         #: the module holding weight/bias/running_* (the inner nn.BatchNorm for stock)
         self.params = params
+        self.form = form
+        #: what a call goes through: the module itself, or its torch.compile wrapper
+        self.callable = _compiled(module) if form == "compile" else module
 
     def _call(self, x: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
         if mask is None:
-            return self.module(x)
-        return self.module(x, torch.from_numpy(np.ascontiguousarray(mask)))
+            return self.callable(x)
+        return self.callable(x, torch.from_numpy(np.ascontiguousarray(mask)))
 
     def forward(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, training: bool) -> Output:
         self.module.train(training)
@@ -156,7 +174,7 @@ class TorchLayer:
         with torch.serialization.safe_globals(allowed):
             module = torch.load(path, weights_only=True)
         params = module.bn if isinstance(module, _StockBatchNorm) else module
-        return TorchLayer(module, params)
+        return TorchLayer(module, params, self.form)
 
     def export_portable(self, directory: Path) -> None:
         if not isinstance(self.module, MaskedBatchNorm):
@@ -179,8 +197,8 @@ def masked_module(config: LayerConfig, process_group: Any = None) -> MaskedBatch
     )
 
 
-def torch_layer(module: MaskedBatchNorm) -> TorchLayer:
-    return TorchLayer(module, module)
+def torch_layer(module: MaskedBatchNorm, form: str | None = None) -> TorchLayer:
+    return TorchLayer(module, module, form)
 
 
 class TorchBackend:
@@ -188,9 +206,10 @@ class TorchBackend:
 
     name = "torch"
     stock_moving_var = "unbiased"
+    forms = FORMS
 
     def layer(self, config: LayerConfig) -> TorchLayer:
-        return torch_layer(masked_module(config))
+        return torch_layer(masked_module(config), config.form)
 
     def sharded_layer(self, config: LayerConfig, num_shards: int) -> TorchShardedLayer:
         # fail here, not in k worker processes, for what torch cannot build at all
@@ -199,7 +218,7 @@ class TorchBackend:
 
     def stock_layer(self, config: LayerConfig) -> TorchLayer:
         module = _StockBatchNorm(config)
-        return TorchLayer(module, module.bn)
+        return TorchLayer(module, module.bn, config.form)
 
     def import_portable(self, directory: Path) -> TorchLayer:
         return torch_layer(load_portable(directory))
@@ -222,7 +241,7 @@ class TorchBackend:
             unbiased_running_var=True,
         )
         module.load_state_dict(torch.load(path, weights_only=True))
-        return torch_layer(module)
+        return torch_layer(module, stock.form)
 
     def expectations_path(self) -> Path | None:
         return Path(__file__).with_name("conformance_expectations.yaml")

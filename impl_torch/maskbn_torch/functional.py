@@ -8,13 +8,15 @@ and on any device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from .errors import ChannelMismatchError
 
 __all__ = ["PADDED_OUTPUTS", "masked_batch_norm"]
 
@@ -45,30 +47,42 @@ def _check_input(x: Tensor) -> None:
         raise TypeError(f"x must have a floating dtype, got dtype {dtype_name(x.dtype)}")
     if x.dim() < 1:
         raise ValueError(f"x must have a channel axis, got a 0-dim tensor (x shape {_shape(x)})")
-    if x.numel() == 0:
-        raise ValueError(f"x shape {_shape(x)} is empty: batch norm needs at least one position per channel")
 
 
 def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
-    """Validate ``mask`` and return it as a bool tensor of x's shape with a size-1 channel axis."""
+    """Validate ``mask`` and return it as a bool tensor of x's rank that broadcasts to x.
+
+    Accepted (contract 1a), tried in this order, so the ambiguous rank(x) - 1 shape reads as (a):
+    (a) x's shape without the channel axis; (b) x's leading axes, ``x.shape[:-1]`` (Keras'
+    convention, broadcast over the last axis); (c) a mask of x's rank that broadcasts to x
+    (Flax's convention; it may vary along the channel axis: then each channel has its own
+    real positions). The result's channel dim is 1 or C; its other dims are x's.
+    """
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(
-            f"mask must be bool or an integer dtype (non-zero means real), got dtype {dtype_name(mask.dtype)}"
+            f"mask must be bool or an integer dtype (non-zero means real), got dtype {dtype_name(mask.dtype)}; "
+            "make a bool mask first, e.g. `mask > 0` or `mask.bool()`"
         )
     # compare torch.Size objects, not ints: int() would pin symbolic sizes under torch.export
     without = x.shape[:axis] + x.shape[axis + 1 :]
     keep = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
     if mask.shape == without:
         mask = mask.unsqueeze(axis)
-    elif mask.shape != keep:
+    elif mask.dim() == x.dim() - 1 and mask.shape == x.shape[:-1]:
+        mask = mask.unsqueeze(-1)
+    elif mask.dim() != x.dim() or any(ms not in (1, xs) for ms, xs in zip(mask.shape, x.shape)):
         raise ValueError(
             f"mask shape {_shape(mask)} does not fit x shape {_shape(x)} with channel axis {axis}: "
-            f"expected {_shape(without)} or {_shape(keep)}"
+            f"expected {_shape(without)} (x without the channel axis), {_shape(x.shape[:-1])} (x's leading "
+            f"axes) or a shape of x's rank that broadcasts to it, such as {_shape(keep)}"
         )
+    # every dim but the channel one as x's (counts sum over them); the channel dim stays 1 or C
+    channel = 1 if mask.shape[axis] == 1 else x.shape[axis]
+    mask = mask.expand(x.shape[:axis] + (channel,) + x.shape[axis + 1 :])
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -113,46 +127,243 @@ def _all_reduce_sum(group: Any, *parts: Tensor) -> tuple[Tensor, ...]:
     return tuple(chunk.reshape(p.shape) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts))
 
 
-def _batch_moments(
-    x: Tensor, m: Tensor | None, dims: tuple[int, ...], channels: int, acc: torch.dtype, group: Any
+def _reduction_dtype(acc: torch.dtype, device: torch.device) -> torch.dtype:
+    """The accumulator of every sum over the positions.
+
+    Eager ATen sums are cascaded (CPU) or tree-shaped (CUDA): float32 keeps about one ulp
+    over 2^24 terms. Inductor's generated reductions accumulate each lane sequentially,
+    which loses the mean (13 sigma at offset 1e4 over 262k rows, issue 12), so compiled
+    code accumulates in float64 (not available on MPS: float32 there).
+    """
+    if acc == torch.float32 and torch.compiler.is_compiling() and device.type != "mps":
+        return torch.float64
+    return acc
+
+
+def _runs_eagerly(x: Tensor) -> bool:
+    """Whether this call runs op by op on real data, where data-dependent shapes and host
+    reads are fine: not traced (torch.compile, torch.export) and not on the meta device."""
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
+
+
+def _rows_2d(t: Tensor) -> Tensor | None:
+    """``t`` (channel axis last) as a (positions, C) view, or None where its layout has none."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
+    """Whether eager work happens on the gathered real rows, (n, C), with fused ATen kernels.
+
+    Eager only (the row count is data dependent; compiled code uses selects), for masks
+    constant along the channel axis; unmasked inputs only where they already are rows
+    (channels last). On this path the statistics are cascaded ATen sums of the n real rows
+    and the backward is native batch norm's own kernel on those rows.
+    """
+    if not _runs_eagerly(x) or group is not None:
+        return False
+    if m is None:
+        return _rows_2d(x.movedim(axis, -1)) is not None
+    return m.shape[axis] == 1
+
+
+def _real_rows(t: Tensor, m: Tensor | None, axis: int) -> Tensor:
+    """(n, C): t's real positions, channel last, in position order (a view when ``m`` is None)."""
+    tl = t.movedim(axis, -1)
+    if m is None:
+        return tl.reshape(-1, tl.shape[-1])
+    real = m.squeeze(axis)
+    rows = _rows_2d(tl)
+    if rows is not None:
+        # index_select copies whole rows: several times faster than boolean indexing
+        return rows.index_select(0, real.reshape(-1).nonzero().squeeze(1))
+    return tl[real]
+
+
+def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int) -> Tensor:
+    """The inverse of :func:`_real_rows`: ``rows`` at the real positions of a tensor like ``like``, 0 elsewhere."""
+    if m is None:
+        return rows.view(like.movedim(axis, -1).shape).movedim(-1, axis)
+    real = m.squeeze(axis)
+    out = torch.empty_like(like, dtype=rows.dtype)
+    out_rows = _rows_2d(out.movedim(axis, -1))
+    if out_rows is None:
+        out.zero_().movedim(axis, -1)[real] = rows
+        return out
+    # each row written once: the real ones copied, the padded ones zeroed
+    flat = real.reshape(-1)
+    out_rows.index_copy_(0, flat.nonzero().squeeze(1), rows)
+    out_rows.index_fill_(0, flat.logical_not().nonzero().squeeze(1), 0.0)
+    return out
+
+
+def _row_moments(
+    rows: Tensor, owned: bool, stat_shape: tuple[int, ...], acc: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, var) over the real positions; mean/var keep the reduced dims (size 1).
+    """(count, mean, var) of (n, C) real rows: the corrected two-pass of :func:`_batch_moments`.
 
-    Corrected two-pass variance: sum((x - mean)^2)/n - (sum(x - mean)/n)^2. The second
-    term removes the rounding error of the first-pass mean, so float32 keeps its
-    accuracy even when |mean| / std is 1e6 (E[x^2] - E[x]^2 would lose all of it).
-    The work happens in place in one full-size buffer: on CPU each fresh full-size
-    allocation costs about as much as a pass over the data.
+    ``owned``: ``rows`` is a fresh copy (a gather) that may be modified in place.
+    """
+    n = rows.shape[0]
+    count = torch.full(stat_shape, n, dtype=acc, device=rows.device)
+    denom = max(n, 1)
+    owned = owned or rows.dtype != acc
+    rows = rows.to(acc)
+    mean1 = rows.sum(0) / denom
+    d = rows.sub_(mean1) if owned else rows - mean1
+    shift = d.sum(0) / denom
+    sum_d2 = d.square_().sum(0)  # d is a fresh buffer either way
+    var = (sum_d2 / denom - shift.square()).clamp_(min=0)
+    return count, (mean1 + shift).reshape(stat_shape), var.reshape(stat_shape)
 
-    With a process ``group`` both passes are summed over the group (count with the
-    first), so every replica centres on the global mean: the statistics of the
-    unsharded batch, empty shards included, in two small collectives.
+
+def _batch_moments(
+    x: Tensor,
+    m: Tensor | None,
+    axis: int,
+    dims: tuple[int, ...],
+    stat_shape: tuple[int, ...],
+    acc: torch.dtype,
+    group: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, var) per channel over the real positions, each of ``stat_shape``.
+
+    Corrected two-pass: mean1 = sum(x) / n, then with d = x - mean1 over the real positions
+    mean = mean1 + sum(d) / n and var = sum(d^2) / n - (sum(d) / n)^2. The correction term
+    removes the rounding error of the first pass from the mean itself and from the variance,
+    so float32 keeps about one ulp of the mean and 1e-5 of the variance even when
+    |mean| / std is 1e6 (E[x^2] - E[x]^2 would lose all of it). The work happens in place
+    in one full-size buffer: on CPU each fresh full-size allocation costs about a pass.
+
+    With a process ``group`` both passes are summed over the group (count with the first),
+    so every replica centres on the global mean before the second pass: the merge is exact
+    (Chan's formula with a common centre), empty shards included, in two small collectives.
     """
     x = x.detach()
+    if _gathers_rows(x, m, axis, group):
+        return _row_moments(_real_rows(x, m, axis), m is not None, stat_shape, acc)
+    red = _reduction_dtype(acc, x.device)
     if m is None:
-        count = torch.full((), x.numel() // channels, dtype=acc, device=x.device)
+        count = torch.full(stat_shape, x.numel() // math.prod(stat_shape), dtype=acc, device=x.device)
         xs = x  # not ours: never modified in place
     else:
-        count = m.sum().to(acc)
+        count = m.sum(dims, keepdim=True, dtype=acc).expand(stat_shape)
         keep = _keep_bits(m, acc)
         xs = _select(x, keep, inplace=False) if x.dtype == acc else _select(x.to(acc), keep, inplace=True)
-    total, count = _all_reduce_sum(group, xs.sum(dims, keepdim=True, dtype=acc), count)
+    total, count = _all_reduce_sum(group, xs.sum(dims, keepdim=True, dtype=red), count.contiguous())
     denom = count.clamp(min=1)
-    mean = total / denom
-    d = xs - mean if m is None else _select(xs.sub_(mean), keep, inplace=True)
-    sum_d = d.sum(dims, keepdim=True)
-    sum_d, sum_d2 = _all_reduce_sum(group, sum_d, d.square_().sum(dims, keepdim=True))
-    var = (sum_d2 / denom - (sum_d / denom).square()).clamp_(min=0)
+    mean1 = (total / denom).to(acc)
+    d = xs - mean1 if m is None else _select(xs.sub_(mean1), keep, inplace=True)
+    sum_d = d.sum(dims, keepdim=True, dtype=red)
+    sum_d2 = (d * d).sum(dims, keepdim=True, dtype=red) if red != acc else d.square_().sum(dims, keepdim=True)
+    sum_d, sum_d2 = _all_reduce_sum(group, sum_d, sum_d2)
+    shift = sum_d / denom
+    mean = (mean1 + shift).to(acc)
+    var = (sum_d2 / denom - shift.square()).clamp_(min=0).to(acc)
     return count, mean, var
+
+
+def _forward_mode_active(*tensors: Tensor | None) -> bool:
+    """Whether forward-mode AD (a dual level) or a torch.func transform sees this call."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by vmap: torch.func's, or the autograd engine's batched grads."""
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot trace these checks; a compiled backward is not vmapped
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def _has_tangent(t: Tensor | None) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (a dual tensor at the current level)."""
+    return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _all_reduce_sum_differentiable(group: Any, t: Tensor) -> Tensor:
+    if group is None:
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def _composite(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    m: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor | None,
+    eps: float,
+    zero_padded: bool,
+    axis: int,
+    dims: tuple[int, ...],
+    stat_shape: tuple[int, ...],
+    group: Any,
+) -> Tensor:
+    """The layer as plain differentiable ops, whose autograd gives derivatives of every order.
+
+    ``mean``/``var`` are the accurate values (detached, from :func:`_batch_moments`). With
+    ``count`` (batch statistics) they get their dependence on x through the identity
+    ``v + (f(x) - f(x).detach())``: the value stays ``v`` bit for bit, the derivatives (any
+    order, reverse or forward mode) are those of f, the textbook formula over the real
+    positions. Padded output rows are computed from detached values: constants, as in the
+    fast path. Padded x enters only through ``where`` (NaN/Inf there never reach a gradient).
+    """
+    acc = mean.dtype
+    xa = x.to(acc)
+    xs = xa if m is None else torch.where(m, xa, 0.0)
+    if count is not None:
+        n = count.clamp(min=1)
+        s = _all_reduce_sum_differentiable(group, xs.sum(dims, keepdim=True)) / n
+        mean_ad = mean + (s - s.detach())
+        centred = xs - mean_ad if m is None else torch.where(m, xs - mean_ad, 0.0)
+        v = _all_reduce_sum_differentiable(group, centred.square().sum(dims, keepdim=True)) / n
+        var_ad = var + (v - v.detach())
+    else:
+        mean_ad, var_ad = mean, var
+    invstd = torch.rsqrt(var_ad + eps)
+    w = None if weight is None else weight.to(acc).reshape(stat_shape)
+    b = None if bias is None else bias.to(acc).reshape(stat_shape)
+
+    def affine(xhat: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        y = xhat if w is None else xhat * w
+        return y if b is None else y + b
+
+    y = affine((xs - mean_ad) * invstd, w, b)
+    if m is not None:
+        if zero_padded:
+            padded = torch.zeros((), dtype=acc, device=x.device)
+        else:
+            padded = affine(
+                (xa.detach() - mean) * invstd.detach(),
+                None if w is None else w.detach(),
+                None if b is None else b.detach(),
+            )
+        y = torch.where(m, y, padded)
+    return y.to(x.dtype)
 
 
 class _MaskedBatchNormFn(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias with the analytic masked-BN backward.
 
-    ``mean``/``invstd`` come in detached; when ``stats_from_batch`` the backward
-    adds their dependence on x analytically. Padded rows are constants: they get
-    no gradient, and their dy and x never enter a reduction (selected away first).
-    Saves only x, the bool mask and per-channel vectors, like native batch norm.
+    ``mean``/``var`` come in detached; when ``count`` is given (batch statistics) the
+    backward adds their dependence on x analytically. Padded rows are constants: they get
+    no gradient, and their dy and x never enter a reduction (selected away first). Saves
+    only x, the bool mask and per-channel vectors, like native batch norm.
+
+    The analytic backward is first order. Under ``create_graph=True`` (double backward,
+    Hessian-vector products) it differentiates :func:`_composite` instead, so every
+    higher derivative is autograd's own. Forward mode never reaches this Function
+    (:func:`masked_batch_norm` routes it to the composite).
     """
 
     @staticmethod
@@ -163,41 +374,53 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         bias: Tensor | None,
         m: Tensor | None,
         mean: Tensor,
-        invstd: Tensor,
+        var: Tensor,
         count: Tensor | None,
-        stats_from_batch: bool,
+        eps: float,
         zero_padded: bool,
+        axis: int,
         dims: tuple[int, ...],
         stat_shape: tuple[int, ...],
         group: Any,
     ) -> Tensor:
         acc = mean.dtype
-        scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
-        # (x - mean) * scale + bias, not x * scale + shift: the latter cancels
-        # catastrophically when |mean| >> std
-        y = (x - mean).mul_(scale)  # x - mean promotes float16/bfloat16 x to acc
-        if bias is not None:
-            y.add_(bias.to(acc).reshape(stat_shape))
+        if _native_normalizes(x, weight, bias, mean, var, eps):
+            y = _native_normalize(x, weight, bias, mean, var, eps, axis)
+        else:
+            invstd = torch.rsqrt(var + eps)
+            scale = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
+            # (x - mean) * scale + bias, not x * scale + shift: the latter cancels when
+            # |mean| >> std; one fused pass when compiled
+            y = (x - mean).mul_(scale)  # x - mean promotes float16/bfloat16 x to acc
+            if bias is not None:
+                y.add_(bias.to(acc).reshape(stat_shape))
+            y = y.to(x.dtype)
         if zero_padded and m is not None:
-            _select(y, _keep_bits(m, acc), inplace=True)
-        ctx.save_for_backward(x, weight, m, mean, invstd, count)
-        ctx.param_dtypes = (
-            None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype,
-        )
-        ctx.stats_from_batch = stats_from_batch
+            _select(y, _keep_bits(m, y.dtype), inplace=True)
+        ctx.save_for_backward(x, weight, bias, m, mean, var, count)
+        ctx.eps = eps
+        ctx.zero_padded = zero_padded
         ctx.group = group
+        ctx.axis = axis
         ctx.dims = dims
         ctx.stat_shape = stat_shape
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, m, mean, invstd, count = ctx.saved_tensors
+        x, weight, bias, m, mean, var, count = ctx.saved_tensors
+        nones = (None,) * 10
+        # a graph wanted (create_graph), or a vmapped backward (batched grads, torch.func):
+        # the composite's out-of-place autograd; the in-place fast path below refuses vmap
+        if torch.is_grad_enabled() or _vmapped(grad_out):
+            return (*_composite_grads(ctx, grad_out, x, weight, bias, m, mean, var, count), *nones)
         dims, stat_shape = ctx.dims, ctx.stat_shape
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
+        red = _reduction_dtype(acc, x.device)
+        invstd = torch.rsqrt(var + ctx.eps)
+        if _gathers_rows(x, m, ctx.axis, ctx.group):
+            return (*_row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count), *nones)
         keep = None if m is None else _keep_bits(m, acc)
         if m is None:
             dy = grad_out.to(acc)  # may be grad_out itself: never modified in place
@@ -205,35 +428,140 @@ class _MaskedBatchNormFn(torch.autograd.Function):
             dy = _select(grad_out, keep, inplace=False)
         else:
             dy = _select(grad_out.to(acc), keep, inplace=True)
-        s1 = dy.sum(dims, keepdim=True)
+        s1 = dy.sum(dims, keepdim=True, dtype=red)
         grad_x = grad_w = grad_b = None
-        if need_w or (need_x and ctx.stats_from_batch):
+        if need_w or (need_x and count is not None):
             xhat = (x - mean).mul_(invstd)
             if m is not None:
                 _select(xhat, keep, inplace=True)
-            s2 = (dy * xhat).sum(dims, keepdim=True)
+            s2 = (dy * xhat).sum(dims, keepdim=True, dtype=red)
         if need_x:
             g = invstd if weight is None else invstd * weight.to(acc).reshape(stat_shape)
-            if ctx.stats_from_batch:
+            if count is not None:
                 # through the batch mean and variance: g * (dy - (s1 + xhat * s2) / n), in
                 # xhat's buffer; count >= 1 wherever a row is real. Synchronized: the sums
                 # and n are the whole group's (weight/bias grads stay per replica, as DDP
                 # and nn.SyncBatchNorm expect)
                 n = count.clamp(min=1)
                 g_s1, g_s2 = _all_reduce_sum(ctx.group, s1, s2)
-                grad_x = xhat.mul_(-g_s2 / n).add_(dy).sub_(g_s1 / n).mul_(g)
+                grad_x = xhat.mul_((-g_s2 / n).to(acc)).add_(dy).sub_((g_s1 / n).to(acc)).mul_(g)
                 if m is not None:
                     _select(grad_x, keep, inplace=True)
             else:
                 # fixed stats: dy is already 0 on padded rows
                 grad_x = dy * g
             grad_x = grad_x.to(x.dtype)
-        w_dtype, b_dtype = ctx.param_dtypes
         if need_w:
-            grad_w = s2.reshape(-1).to(w_dtype)
+            grad_w = s2.reshape(-1).to(weight.dtype)
         if need_b:
-            grad_b = s1.reshape(-1).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+            grad_b = s1.reshape(-1).to(bias.dtype)
+        return grad_x, grad_w, grad_b, *nones
+
+
+# |mean| / std up to which native batch norm's x * a + b form rounds like (x - mean) * a + b
+_NATIVE_FORM_MAX_OFFSET = 4.0
+
+
+def _native_normalizes(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> bool:
+    """Whether eager normalization is native batch norm's inference kernel: one pass over x.
+
+    It computes x * a + b with a = weight * invstd, b = bias - mean * a, whose rounding
+    error is about 3 u |mean| invstd in normalized units: within the (x - mean) form's
+    u-sized error only while |mean| / std is small, so that is checked per call (a
+    per-channel test, one host sync); offset data (|mean| / std above 4, or a single real
+    row, var 0) takes the exact form, two to four passes. Compiled code fuses the exact
+    form into one pass by itself.
+    """
+    if not _runs_eagerly(x):
+        return False
+    if x.dtype != mean.dtype and not (mean.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not all(t is None or t.dtype == mean.dtype for t in (weight, bias)):
+        return False
+    return bool((mean.abs() * torch.rsqrt(var + eps)).amax() <= _NATIVE_FORM_MAX_OFFSET)
+
+
+def _native_normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float, axis: int
+) -> Tensor:
+    xl = x.movedim(axis, -1)
+    rows = _rows_2d(xl)
+    stats = (mean.reshape(-1), var.reshape(-1))
+    if rows is not None:  # channels last: batch norm's own channels-last kernel on the (P, C) view
+        return torch.batch_norm(rows, weight, bias, *stats, False, 0.0, eps, False).view(xl.shape).movedim(-1, axis)
+    return torch.batch_norm(x.movedim(axis, 1), weight, bias, *stats, False, 0.0, eps, False).movedim(1, axis)
+
+
+def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -> tuple[Tensor | None, ...]:
+    """The backward on the gathered real rows: native batch norm's backward kernel on (n, C).
+
+    Padded rows neither enter it nor get gradient (zeros are scattered around the rows).
+    grad_bias is a cascaded ATen sum of dy (the kernel's own sums are sequential float32,
+    1e-5 relative off over 2^18 rows with an offset in dy).
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    acc = mean.dtype
+    axis = ctx.axis
+    dy_rows = _real_rows(grad_out, m, axis).to(acc)
+    x_rows = _real_rows(x, m, axis).to(acc)
+    w = None if weight is None else weight.to(acc)
+    train = count is not None
+    mean_v, var_v, invstd_v = mean.reshape(-1), var.reshape(-1), invstd.reshape(-1)
+    if dy_rows.shape[0] == 0:  # no real row: the kernel would divide by zero
+        grad_rows, grad_w = dy_rows, torch.zeros_like(mean_v)
+    else:
+        grad_rows, grad_w, _ = _native_backward(
+            dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, ctx.eps, need_x, need_w
+        )
+    grad_x = _scatter_rows(grad_rows, x, m, axis).to(x.dtype) if need_x else None
+    grad_w = grad_w.to(weight.dtype) if need_w else None
+    grad_b = dy_rows.sum(0).to(bias.dtype) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+def _native_backward(dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, eps, need_x, need_w):
+    return torch.ops.aten.native_batch_norm_backward(
+        dy_rows,
+        x_rows,
+        w,
+        None if train else mean_v,
+        None if train else var_v,
+        mean_v if train else None,
+        invstd_v if train else None,
+        train,
+        eps,
+        [need_x, need_w, False],
+    )
+
+
+def _composite_grads(ctx, grad_out, x, weight, bias, m, mean, var, count) -> tuple[Tensor | None, ...]:
+    """The backward as autograd of :func:`_composite`, with a graph (create_graph=True)."""
+    inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
+    with torch.enable_grad():
+        y = _composite(
+            x,
+            weight,
+            bias,
+            m,
+            mean,
+            var,
+            count,
+            ctx.eps,
+            ctx.zero_padded,
+            ctx.axis,
+            ctx.dims,
+            ctx.stat_shape,
+            ctx.group,
+        )
+        grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]):
+        g = next(grads) if need else None
+        # an input y does not depend on (e.g. weight with an empty mask and zero padding)
+        out.append(torch.zeros_like(t) if need and g is None else g)
+    return tuple(out)
 
 
 def masked_batch_norm(
@@ -250,15 +578,20 @@ def masked_batch_norm(
     channel_axis: int = 1,
     padded_output: str = "normalize",
     num_batches_tracked: Tensor | None = None,
-    unbiased_running_var: bool = False,
+    unbiased_running_var: bool = True,
     process_group: Any = None,
 ) -> Tensor:
     """Batch normalization whose batch statistics come only from the real positions of ``input``.
 
     Args:
         input: floating tensor with a channel axis (``channel_axis``) and any other axes.
-        mask: None (every position real), or a bool/integer tensor, non-zero = real, of
-            ``input``'s shape without the channel axis, or with the channel axis of size 1.
+        mask: None (every position real), or a bool/integer tensor, non-zero = real: of
+            ``input``'s shape without the channel axis; or ``input.shape[:-1]`` (Keras'
+            convention: the leading axes, broadcast over the last); or of ``input``'s rank,
+            broadcasting to it (Flax's convention; the channel dim may be 1 or C). A rank - 1
+            shape that fits both of the first two readings is read as the first. Where the
+            mask varies along the channel axis, each channel's statistics come from its own
+            real positions; a channel without any behaves as an empty mask does.
         running_mean, running_var: per-channel running statistics, updated in place when
             ``training``; required when not ``training``.
         weight, bias: optional per-channel affine parameters (gamma, beta).
@@ -267,15 +600,16 @@ def masked_batch_norm(
         momentum: weight of the new batch in the running average, PyTorch's convention
             (``running = (1 - momentum) * running + momentum * batch``); None gives a
             cumulative average driven by ``num_batches_tracked``, as ``nn.BatchNorm``.
-        eps: added to the variance before the square root.
+        eps: added to the variance before the square root; > 0 (0 allowed in inference, as stock).
         channel_axis: the channel axis of ``input`` (1: ``(B, C, ...)``; -1: channels-last).
         padded_output: ``"normalize"`` normalizes padded rows like real ones, ``"zero"``
             makes them exactly 0.
         num_batches_tracked: int64 scalar counter incremented (in place) by each training
             call that has at least one real position.
-        unbiased_running_var: store ``n / (n - 1) * var`` in ``running_var`` as stock
-            ``nn.BatchNorm`` does; by default the population variance is stored (the
-            maskbn contract). Normalization always uses the population variance.
+        unbiased_running_var: store ``n / max(n - 1, 1) * var`` (n: the channel's real
+            positions) in ``running_var``, as stock ``nn.BatchNorm`` does (the default);
+            False stores the population variance. Normalization always uses the
+            population variance.
         process_group: a ``torch.distributed`` process group (e.g. ``group.WORLD``) whose
             replicas share batch statistics when ``training``: counts, sums and centred
             sums are summed over the group, so k shards with uneven masks (empty ones
@@ -285,18 +619,33 @@ def masked_batch_norm(
     A training call whose mask has no real position normalizes with the running stats
     (mean 0, var 1 when there are none), updates nothing and gives zero gradients.
     Padded positions never influence real outputs, running stats or gradients, and get
-    no gradient themselves. Reductions run in float32 (float64 for float64 inputs or
-    state); the output has ``input``'s dtype.
+    no gradient themselves (padded output rows are constants for autodiff). Reductions
+    run in float32 (float64 for float64 inputs or state); the output has ``input``'s dtype.
+    Derivatives of every order work: double backward and Hessian-vector products
+    (``create_graph=True``) and forward mode (``torch.autograd.forward_ad``, ``torch.func``).
+    An input with a zero-size dimension gives an empty output of its shape and dtype and
+    changes no state, as stock batch norm.
 
     Raises:
         TypeError: integer ``input``, or a floating-point ``mask``.
-        ValueError: an empty x (no positions or no channels), channel axis out of range,
-            a mask shape that does not fit, or a channel count that differs from the
-            parameters'. Nothing is updated then.
+        ValueError: channel axis out of range, a mask shape that does not fit, a channel
+            count that differs from the parameters', ``eps <= 0`` in training (< 0 in
+            inference). Nothing is updated then.
     """
     _check_input(input)
     if padded_output not in PADDED_OUTPUTS:
         raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
+    # as stock batch norm: eps > 0 in training, eps >= 0 in inference (NaN neither)
+    if not (eps > 0 or (eps == 0 and not training)):
+        # "eps must be positive": the words torch's own BatchNorm error inputs look for
+        raise ValueError(f"eps must be positive (or 0 in inference, as stock batch norm), got {eps!r}")
+    if (
+        _forward_mode_active(input)
+        and _has_tangent(input)
+        and (_has_tangent(running_mean) or _has_tangent(running_var))
+    ):
+        # as stock batch norm: a tangent on the running stats would be dropped silently
+        raise RuntimeError("masked_batch_norm is not differentiable with respect to running_mean and running_var")
     axis = _resolve_channel_axis(input, channel_axis)
     channels = int(input.shape[axis])
     for name, t in (
@@ -306,7 +655,7 @@ def masked_batch_norm(
         ("running_var", running_var),
     ):
         if t is not None and _shape(t) != (channels,):
-            raise ValueError(
+            raise ChannelMismatchError(
                 f"x shape {_shape(input)} has {channels} channels at axis {axis}, but {name} has shape {_shape(t)}"
             )
     if (running_mean is None) != (running_var is None):
@@ -321,11 +670,13 @@ def masked_batch_norm(
     acc = torch.float64 if float64 else torch.float32
     dims = tuple(i for i in range(input.dim()) if i != axis)
     stat_shape = tuple(channels if i == axis else 1 for i in range(input.dim()))
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias, stat_shape)
 
     count = group = None
     if training:
         group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
-        count, batch_mean, batch_var = _batch_moments(input, m, dims, channels, acc, group)
+        count, batch_mean, batch_var = _batch_moments(input, m, axis, dims, stat_shape, acc, group)
         has_real = count > 0
         if running_mean is not None:
             prior_mean = running_mean.detach().to(acc).reshape(stat_shape)
@@ -353,21 +704,35 @@ def masked_batch_norm(
     else:
         mean = running_mean.detach().to(acc).reshape(stat_shape)
         var = running_var.detach().to(acc).reshape(stat_shape)
-    invstd = torch.rsqrt(var + eps)
-    return _MaskedBatchNormFn.apply(
+    args = (
         input,
         weight,
         bias,
         m,
         mean,
-        invstd,
+        var,
         count,
-        training,
+        float(eps),
         padded_output == "zero",
+        axis,
         dims,
         stat_shape,
         group,
     )
+    if _forward_mode_active(input, weight, bias):
+        return _composite(*args)
+    return _MaskedBatchNormFn.apply(*args)
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None, stat_shape: tuple[int, ...]) -> Tensor:
+    """x with a zero-size dimension: an empty output of its shape and dtype, connected to
+    the graph of x, weight and bias (as stock batch norm: their gradients are zeros)."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight.reshape(stat_shape).to(out.dtype)
+    if bias is not None:
+        out = out + bias.reshape(stat_shape).to(out.dtype)
+    return out
 
 
 def _update_running_stats(
@@ -381,19 +746,22 @@ def _update_running_stats(
     momentum: float | None,
     unbiased: bool,
 ) -> None:
-    """In-place running-stat update, a no-op (by ``where``) when the batch has no real position."""
+    """In-place running-stat update; a channel without real positions keeps its stats (by ``where``)."""
     with torch.no_grad():
+        any_real = has_real.any()
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(has_real.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(any_real.to(num_batches_tracked.dtype))
         acc = mean.dtype
         if momentum is None:
             factor = 1.0 / num_batches_tracked.clamp(min=1).to(acc)
         else:
             factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+        count = count.reshape(-1)
         batch_var = var.reshape(-1)
         if unbiased:
             batch_var = batch_var * (count / (count - 1).clamp(min=1))
+        real = has_real.reshape(-1)
         for buf, batch in ((running_mean, mean.reshape(-1)), (running_var, batch_var)):
             old = buf.to(acc)
             new = (1 - factor) * old + factor * batch
-            buf.copy_(torch.where(has_real, new, old))
+            buf.copy_(torch.where(real, new, old))

@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import ChannelMismatchError
 from .functional import PADDED_OUTPUTS, masked_batch_norm
+from .scope import remember_layer_path, scoped_mask
 
 __all__ = ["MaskedBatchNorm", "convert_batchnorm"]
 
@@ -34,8 +36,10 @@ class MaskedBatchNorm(nn.Module):
         weight: keyword-only, the mirror switch: with ``affine=True``, ``weight=False``
             creates the bias only (the contract's ``scale=False``).
         track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``
-            and normalize with them in eval mode; False always uses batch statistics, as
-            ``nn.BatchNorm``.
+            and normalize with them in eval mode; False creates no running stats and always
+            uses batch statistics, as ``nn.BatchNorm``. Setting the attribute to False on a
+            built layer freezes its running stats (training uses batch statistics and
+            updates nothing; eval still normalizes with the frozen stats), as ``nn.BatchNorm``.
         channel_axis: the channel axis of the input.
         padded_output: ``"normalize"`` (padded rows normalized like real ones) or
             ``"zero"`` (padded rows of the output are exactly 0).
@@ -47,16 +51,23 @@ class MaskedBatchNorm(nn.Module):
         device, dtype: factory kwargs for the parameters and buffers. A float64 layer keeps
             float64 state and reduces in float64; otherwise state is float32 and float16 /
             bfloat16 inputs are reduced in float32.
-        unbiased_running_var: keyword-only. By default ``running_var`` holds the population
-            variance of the real rows (the maskbn contract, identical across frameworks);
-            stock ``nn.BatchNorm`` stores the unbiased ``n / (n - 1) * var`` instead. Set True
-            to store the unbiased estimate, e.g. to keep fine-tuning a converted model in
-            torch's convention. Normalization always uses the population variance.
+        unbiased_running_var: keyword-only. By default ``running_var`` holds the unbiased
+            ``n / (n - 1) * var`` of the real rows (``n / max(n - 1, 1)`` for one real row),
+            torch's stock convention, so a stock model converted to this layer keeps training
+            as it did. False stores the population variance (the convention of Keras and
+            Flax). Normalization always uses the population variance.
 
     State-dict names are those of ``nn.BatchNorm`` (``weight``, ``bias``, ``running_mean``,
     ``running_var``, ``num_batches_tracked``), so a stock batch norm's state dict loads
     unchanged. A training call with no real position normalizes with the running stats,
-    updates nothing (``num_batches_tracked`` included) and gives zero gradients.
+    updates nothing (``num_batches_tracked`` included) and gives zero gradients. A
+    zero-size x (a dimension of size 0) gives an empty output of x's shape and dtype and
+    updates nothing.
+
+    Errors follow ``nn.BatchNorm`` where it has them: a channel count that does not match
+    (of x, or of a replaced weight/bias/running buffer) raises :class:`ChannelMismatchError`,
+    both a ValueError and a RuntimeError; ``eps <= 0`` raises ValueError at the first
+    forward that normalizes with batch statistics (``eps < 0`` at any forward).
     """
 
     _version = 2  # as nn.BatchNorm: version 2 added num_batches_tracked
@@ -76,7 +87,7 @@ class MaskedBatchNorm(nn.Module):
         *,
         bias: bool = True,
         weight: bool = True,
-        unbiased_running_var: bool = False,
+        unbiased_running_var: bool = True,
     ) -> None:
         super().__init__()
         if padded_output not in PADDED_OUTPUTS:
@@ -132,26 +143,30 @@ class MaskedBatchNorm(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``x``; batch statistics from the positions where ``mask`` is non-zero.
 
-        In training mode (or without running stats) the batch statistics of the real
-        positions are used and the running stats are updated; in eval mode the running
-        stats are used and nothing is updated.
+        The rules of ``nn.BatchNorm``: batch statistics in training mode, and in eval mode
+        when there are no running stats; running stats are updated only in training mode
+        while ``track_running_stats`` is set; eval mode with running stats normalizes with
+        them and updates nothing.
         """
         if isinstance(x, Tensor) and x.dim() >= 1:
             rank = x.dim()
             if -rank <= self.channel_axis < rank and x.shape[self.channel_axis] != self.num_features:
-                raise ValueError(
+                raise ChannelMismatchError(
                     f"expected {self.num_features} channels at axis {self.channel_axis}, got "
                     f"{int(x.shape[self.channel_axis])} (x shape {tuple(int(s) for s in x.shape)})"
                 )
-        use_batch_stats = self.training or not self.track_running_stats
-        # as nn.BatchNorm: running buffers are only updated in training mode and only read
-        # in eval mode when they are tracked
-        use_buffers = self.training or not use_batch_stats
+        if mask is None:  # inside a mask_scope, the scoped mask that fits x (scope.py)
+            mask = scoped_mask(self, x, self.channel_axis)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # as nn.BatchNorm: the buffers are passed where they are updated (training while
+        # tracked) or read (eval); the counter only where it is updated
+        updates = self.training and self.track_running_stats
+        pass_buffers = updates or not self.training
         return masked_batch_norm(
             x,
             mask,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
             self.weight,
             self.bias,
             training=use_batch_stats,
@@ -159,7 +174,7 @@ class MaskedBatchNorm(nn.Module):
             eps=self.eps,
             channel_axis=self.channel_axis,
             padded_output=self.padded_output,
-            num_batches_tracked=self.num_batches_tracked if use_buffers else None,
+            num_batches_tracked=self.num_batches_tracked if updates else None,
             unbiased_running_var=self.unbiased_running_var,
             # as nn.SyncBatchNorm: synchronize in training mode only, where every replica
             # runs the same steps (eval loops may differ in length across replicas)
@@ -178,11 +193,15 @@ class MaskedBatchNorm(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # as nn.BatchNorm: state dicts saved before num_batches_tracked existed still load
+        # as nn.BatchNorm: a state dict without num_batches_tracked (saved before it existed,
+        # or a partial dict loaded with strict=False) keeps the current count; a counter
+        # still on the meta device has no value to keep and becomes 0
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_mean.device)
+            current = self.num_batches_tracked
+            keep = current is not None and current.device.type != "meta"
+            state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -197,7 +216,7 @@ def convert_batchnorm(
     module: nn.Module,
     *,
     padded_output: str = "normalize",
-    unbiased_running_var: bool = False,
+    unbiased_running_var: bool = True,
 ) -> nn.Module:
     """Replace every batch norm in ``module`` by a :class:`MaskedBatchNorm`, in place.
 
@@ -208,8 +227,20 @@ def convert_batchnorm(
 
     Returns the module itself, or the new layer when ``module`` is a batch norm itself.
     The converted layers take the mask as ``forward(x, mask)``; called without a mask they
-    compute what the stock layer computed, up to rounding (the running var follows
-    ``unbiased_running_var``, see :class:`MaskedBatchNorm`).
+    compute what the stock layer computed, up to rounding (the running var keeps torch's
+    unbiased convention unless ``unbiased_running_var=False``, see :class:`MaskedBatchNorm`).
+
+    An unmodified model's ``forward`` passes no mask: run it inside
+    :func:`maskbn_torch.mask_scope`, which hands every converted layer the scoped mask that
+    fits its input (one mask per resolution, e.g. points and pooled items)::
+
+        convert_batchnorm(model)  # e.g. Conv1d/Linear + BatchNorm1d blocks in nn.Sequentials
+        with mask_scope(point_mask, point_mask.any(dim=1)):  # (B, N) and (B,)
+            loss = criterion(model(points), labels)
+        loss.backward()
+        stock_model.load_state_dict(model.state_dict())  # an unconverted copy loads the weights
+
+    (the whole path, with compile and checkpointing: ``impl_torch/README.md``).
 
     An ``nn.SyncBatchNorm`` becomes a synchronized ``MaskedBatchNorm`` over the same
     process group; its ``process_group=None`` means the default group, which must then be
@@ -225,6 +256,7 @@ def convert_batchnorm(
     for name, bn in found:
         if id(bn) not in converted:
             converted[id(bn)] = _converted(bn, padded_output, unbiased_running_var)
+            remember_layer_path(converted[id(bn)], name)
         parent_name, _, child_name = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child_name, converted[id(bn)])
     return module

@@ -41,8 +41,8 @@ GRADCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", GRADCHECK_CASES.values(), ids=GRADCHECK_CASES.keys())
-def test_gradcheck_float64(case, gen):
+def _case_function(case, gen):
+    """(f, inputs) of one GRADCHECK_CASES entry, float64."""
     shape, axis, mask, training, padded_output, n_params = case
     channels = shape[axis]
     x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
@@ -67,8 +67,68 @@ def test_gradcheck_float64(case, gen):
         # see; in "normalize" mode check the real rows (padded rows: the test below)
         return y if keep is None or padded_output == "zero" else torch.where(keep, y, 0.0)
 
-    inputs = (x, weight, bias)[: 1 + n_params]
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    return f, (x, weight, bias)[: 1 + n_params]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES.values(), ids=GRADCHECK_CASES.keys())
+def test_gradcheck_reverse_and_forward_mode_float64(case, gen):
+    f, inputs = _case_function(case, gen)
+    assert torch.autograd.gradcheck(
+        f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, check_forward_ad=True, check_backward_ad=True
+    )
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES.values(), ids=GRADCHECK_CASES.keys())
+def test_gradgradcheck_float64(case, gen):
+    # second derivatives through the backward (double backward, Hessian-vector products)
+    f, inputs = _case_function(case, gen)
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_equals_stock_batch_norm_without_mask(training, gen):
+    x = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    results = []
+    for layer in (MaskedBatchNorm(3, dtype=torch.float64), nn.BatchNorm1d(3, dtype=torch.float64)):
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            layer.running_var.fill_(2.0)
+        layer.train(training)
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((layer(xi) * dy).sum(), xi, create_graph=True)
+        # a Hessian-vector product, for x and for the weight
+        hx, hw = torch.autograd.grad((gx * v).sum(), (xi, layer.weight), allow_unused=True)
+        results.append((gx, hx, torch.zeros(3, dtype=torch.float64) if hw is None else hw))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_func_hvp_and_jvp_match_compacted_batch_norm(gen):
+    x = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
+    mask = prefix_mask(3, 5, [5, 2, 3])
+    t = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def loss(x):
+        y = masked_batch_norm(x, mask, training=True)
+        return (torch.where(mask.unsqueeze(1), y, 0.0) ** 3).sum()
+
+    def compacted_loss(rows):
+        return (nn.functional.batch_norm(rows, None, None, training=True) ** 3).sum()
+
+    rows, t_rows = real_rows(x, mask, 1), real_rows(t, mask, 1)
+    # Hessian-vector product, forward over reverse; padded positions of t must not matter
+    t_padded = torch.where(mask.unsqueeze(1), t, 1e3)
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (x,), (t_padded,))
+    _, want_hvp = torch.func.jvp(torch.func.grad(compacted_loss), (rows,), (t_rows,))
+    torch.testing.assert_close(real_rows(hvp, mask, 1), want_hvp)
+    padded = ~mask.unsqueeze(1).expand_as(x)
+    assert torch.equal(hvp[padded], torch.zeros_like(hvp[padded]))
+    assert torch.func.hessian(loss)(x).shape == x.shape * 2
+    _, tangent = torch.func.jvp(loss, (x,), (t,))
+    _, want_tangent = torch.func.jvp(compacted_loss, (rows,), (t_rows,))
+    torch.testing.assert_close(tangent, want_tangent)
 
 
 @pytest.mark.parametrize("padded_output", ["normalize", "zero"])
@@ -122,14 +182,6 @@ def test_half_precision_gradients(dtype, gen):
     tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(grads[dtype], grads[torch.float64]):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-
-
-def test_double_backward_is_refused_rather_than_wrong(gen):
-    x = torch.randn(2, 3, 4, generator=gen).requires_grad_()
-    y = MaskedBatchNorm(3)(x, prefix_mask(2, 4, [4, 2]))
-    (g,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
 
 
 def _saved_bytes(fn) -> int:

@@ -186,10 +186,39 @@ def test_portable_format_round_trip(kwargs, tmp_path, gen):
     torch.testing.assert_close(loaded(x, mask), layer(x, mask), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "population"])
+def test_portable_format_records_the_running_var_convention(unbiased, tmp_path, gen):
+    layer = MaskedBatchNorm(3, momentum=1.0, unbiased_running_var=unbiased)
+    layer(torch.randn(2, 3, 4, generator=gen), prefix_mask(2, 4, [4, 1]))
+    save_portable(layer, tmp_path)
+    config = json.loads((tmp_path / "maskbn.json").read_text())
+    assert config["moving_var"] == ("unbiased" if unbiased else "population")
+    loaded = load_portable(tmp_path)
+    assert loaded.unbiased_running_var == unbiased
+    assert torch.equal(loaded.running_var, layer.running_var)
+
+
+def test_portable_file_without_moving_var_is_population(tmp_path):
+    save_portable(MaskedBatchNorm(3), tmp_path)
+    config = json.loads((tmp_path / "maskbn.json").read_text())
+    del config["moving_var"]  # as written before the key existed
+    (tmp_path / "maskbn.json").write_text(json.dumps(config))
+    assert load_portable(tmp_path).unbiased_running_var is False
+
+
+def test_portable_file_with_an_unknown_moving_var_is_refused(tmp_path):
+    save_portable(MaskedBatchNorm(3), tmp_path)
+    config = json.loads((tmp_path / "maskbn.json").read_text())
+    config["moving_var"] = "sample"
+    (tmp_path / "maskbn.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"moving_var must be one of .* got 'sample'"):
+        load_portable(tmp_path)
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{"momentum": None}, {"track_running_stats": False}, {"unbiased_running_var": True}],
-    ids=["cumulative-average", "no-running-stats", "unbiased-running-var"],
+    [{"momentum": None}, {"track_running_stats": False}],
+    ids=["cumulative-average", "no-running-stats"],
 )
 def test_portable_format_refuses_what_it_cannot_express(kwargs, tmp_path):
     with pytest.raises(ValueError):
