@@ -25,7 +25,7 @@ def training_vjp(layer, x, dy, **call_kwargs):
             y = layer(x, training=True, **call_kwargs)
         # ZERO: a zero-size batch uses no weight; its gradient is zeros of the weight's shape, not None
         dx, *grads = tape.gradient(
-            y, [x, *weights], output_gradients=dy, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            y, [x, *(w.value for w in weights)], output_gradients=dy, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         return y, dx, grads
     if backend == "jax":
