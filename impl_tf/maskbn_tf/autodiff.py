@@ -23,7 +23,10 @@ def training_vjp(layer, x, dy, **call_kwargs):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True, **call_kwargs)
-        dx, *grads = tape.gradient(y, [x, *weights], output_gradients=dy)
+        # ZERO: a zero-size batch uses no weight; its gradient is zeros of the weight's shape, not None
+        dx, *grads = tape.gradient(
+            y, [x, *(w.value for w in weights)], output_gradients=dy, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         return y, dx, grads
     if backend == "jax":
         import jax

@@ -137,7 +137,10 @@ class TFLayer:
             tape.watch(x_t)
             y = self._call(x_t, mask_t, True)
         # the vector-Jacobian product with dy is the gradient of sum(y * dy)
-        return (y, *tape.gradient(y, [x_t, *weights], output_gradients=dy_t))
+        # ZERO: a zero-size batch uses no weight; its gradient is zeros of the weight's shape
+        zero = self._tf.UnconnectedGradients.ZERO
+        sources = [x_t, *(w.value for w in weights)]  # tf.Variables: ZERO reads a TF dtype
+        return (y, *tape.gradient(y, sources, output_gradients=dy_t, unconnected_gradients=zero))
 
     def forward_backward(self, x, x_dtype, mask, dy):
         args = [self._tensor(x, x_dtype), self._tensor(dy, x_dtype)]
