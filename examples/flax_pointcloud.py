@@ -9,15 +9,12 @@ MaskedBatchNorm takes its statistics from the real points only.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from pointclouds import NUM_CLASSES, bucketed_batches, eval_batches, make_clouds, report
+from pointclouds import NUM_CLASSES, bucketed_batches, compare, eval_batches, make_clouds
 
 import maskbn_jax.linen
 
@@ -80,17 +77,10 @@ def train_and_evaluate(masked: bool, steps: int, batch_size: int, seed: int) -> 
     return correct / total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for masked, name in [(True, "maskbn_jax.linen.MaskedBatchNorm"), (False, "flax.linen.BatchNorm (unmasked)")]:
-        t0 = time.perf_counter()
-        accuracy = train_and_evaluate(masked, args.steps, args.batch_size, args.seed)
-        report(name, accuracy, time.perf_counter() - t0)
-
-
 if __name__ == "__main__":
-    main()
+    compare(
+        __doc__.splitlines()[0],
+        train_and_evaluate,
+        "maskbn_jax.linen.MaskedBatchNorm",
+        "flax.linen.BatchNorm (unmasked)",
+    )

@@ -12,6 +12,9 @@ neither.
 
 from __future__ import annotations
 
+import argparse
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,3 +85,18 @@ def eval_batches(clouds: Clouds, batch_size: int):
 
 def report(name: str, accuracy: float, seconds: float) -> None:
     print(f"{name:<34} eval accuracy {accuracy:.3f}  ({seconds:.1f}s)", flush=True)
+
+
+def compare(
+    description: str, train_and_evaluate: Callable[[bool, int, int, int], float], masked: str, stock: str
+) -> None:
+    """The command line every example shares: train the masked and the stock model, print both accuracies."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for use_mask, name in [(True, masked), (False, stock)]:
+        t0 = time.perf_counter()
+        accuracy = train_and_evaluate(use_mask, args.steps, args.batch_size, args.seed)
+        report(name, accuracy, time.perf_counter() - t0)

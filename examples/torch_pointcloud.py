@@ -9,11 +9,8 @@ the real points only.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
-from pointclouds import FEATURES, NUM_CLASSES, bucketed_batches, eval_batches, make_clouds, report
+from pointclouds import FEATURES, NUM_CLASSES, bucketed_batches, compare, eval_batches, make_clouds
 from torch import nn
 
 from maskbn_torch import MaskedBatchNorm
@@ -65,17 +62,7 @@ def train_and_evaluate(masked: bool, steps: int, batch_size: int, seed: int) -> 
     return correct / total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for masked, name in [(True, "maskbn_torch.MaskedBatchNorm"), (False, "torch.nn.BatchNorm1d (unmasked)")]:
-        t0 = time.perf_counter()
-        accuracy = train_and_evaluate(masked, args.steps, args.batch_size, args.seed)
-        report(name, accuracy, time.perf_counter() - t0)
-
-
 if __name__ == "__main__":
-    main()
+    compare(
+        __doc__.splitlines()[0], train_and_evaluate, "maskbn_torch.MaskedBatchNorm", "torch.nn.BatchNorm1d (unmasked)"
+    )
