@@ -3,6 +3,7 @@ format shared by every maskbn backend, and Keras checkpoints of stock batch norm
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -107,6 +108,10 @@ def load_portable(directory, **kwargs) -> MaskedBatchNormalization:
     return layer
 
 
+def _stock_has_renorm() -> bool:
+    return "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+
+
 def load_stock_weights(model: keras.Model, filepath) -> None:
     """Load a ``.weights.h5`` checkpoint saved by the same architecture built with
     `keras.layers.BatchNormalization` into ``model``, which has `MaskedBatchNormalization`
@@ -125,6 +130,15 @@ def load_stock_weights(model: keras.Model, filepath) -> None:
             config = layer.get_config()
             for knob in ("padded_output", "unbiased_moving_variance"):
                 config.pop(knob)
+            if not _stock_has_renorm():
+                # Keras before renorm came back: its checkpoints hold no renorm weights
+                if config["renorm"]:
+                    raise ValueError(
+                        f"layer {layer.name!r} has renorm=True, but keras {keras.__version__}'s "
+                        "BatchNormalization has no renorm, so no stock checkpoint of it exists to load"
+                    )
+                for knob in ("renorm", "renorm_clipping", "renorm_momentum"):
+                    config.pop(knob)
             return keras.layers.BatchNormalization.from_config(config)
         return layer.__class__.from_config(layer.get_config())
 
