@@ -10,6 +10,7 @@ Same constructor arguments, variables (``scale``, ``bias`` as ``nnx.Param``;
 
 from __future__ import annotations
 
+import inspect
 import typing as tp
 from types import MappingProxyType
 
@@ -22,6 +23,13 @@ from ._flax_dialect import check_use_running_average, promote_dtype, require_fla
 nnx = require_flax("nnx")
 
 __all__ = ["MaskedBatchNorm"]
+
+# nnx.view's protocol, as the installed Flax speaks it: older releases (0.12.4) pass
+# every keyword and count those set_view returns as unused; newer ones read
+# set_view's signature and pass only the keywords it names
+_VIEW_RETURNS_UNUSED = any(
+    p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(nnx.BatchNorm.set_view).parameters.values()
+)
 
 
 class MaskedBatchNorm(nnx.Module):
@@ -157,7 +165,17 @@ class MaskedBatchNorm(nnx.Module):
             self.var[...] = jax.lax.stop_gradient(new["var"])
         return y
 
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``, as for ``nnx.BatchNorm``."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
+    if _VIEW_RETURNS_UNUSED:
+
+        def set_view(self, use_running_average: bool | None = None, **unused) -> dict:
+            """Used by ``nnx.view``, as for ``nnx.BatchNorm``: returns the keywords it did not use."""
+            if use_running_average is not None:
+                self.use_running_average = use_running_average
+            return unused
+
+    else:
+
+        def set_view(self, use_running_average: bool | None = None):  # type: ignore[misc]
+            """Used by ``nnx.view``, as for ``nnx.BatchNorm``."""
+            if use_running_average is not None:
+                self.use_running_average = use_running_average

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 pytest.importorskip("flax")
+import flax
 from flax import linen as nn
 from flax import nnx
 
@@ -345,9 +346,9 @@ class _Block(nnx.Module):
         self.batch_norm = layer_cls(10, use_running_average=False, rngs=rngs)
 
 
-def test_nnx_set_attributes_view_and_with_attributes_switch_the_mode():
-    """test_set_attributes / test_view / test_with_attributes: use_running_average is an
-    attribute Flax's tree tools set, filtered by type."""
+def test_nnx_set_attributes_and_view_switch_the_mode():
+    """test_set_attributes / test_view: use_running_average is an attribute Flax's tree
+    tools set, filtered by type."""
     block = _Block(NnxBN, nnx.Rngs(0))
     block.set_attributes(deterministic=True, use_running_average=True)
     assert block.batch_norm.use_running_average is True
@@ -356,6 +357,13 @@ def test_nnx_set_attributes_view_and_with_attributes_switch_the_mode():
     assert block.batch_norm.use_running_average is False
     view = nnx.view(_Block(NnxBN, nnx.Rngs(0)), deterministic=True, use_running_average=True)
     assert view.batch_norm.use_running_average is True
+
+
+@pytest.mark.skipif(
+    not hasattr(nnx, "with_attributes"), reason=f"flax {flax.__version__} has no nnx.with_attributes (added later)"
+)
+def test_nnx_with_attributes_switches_the_mode_of_a_copy():
+    """test_with_attributes: a copy with use_running_average set, the original unchanged."""
     original = _Block(NnxBN, nnx.Rngs(0))
     changed = nnx.with_attributes(original, use_running_average=True)
     assert changed.batch_norm.use_running_average is True and original.batch_norm.use_running_average is False
