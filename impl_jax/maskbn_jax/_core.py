@@ -210,6 +210,12 @@ def _psum(tree, cfg: _Config):
     return jax.lax.psum(tree, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
 
 
+def _psum_count(n_local, cfg: _Config):
+    """The replicas' total count, in a psum of its own: jax 0.8.1 cannot transpose a psum
+    that mixes the (integer, non-differentiable) count with a differentiated sum."""
+    return _psum(n_local, cfg)
+
+
 def _sel(m, a, b):
     """``where(m, a, b)``, or ``a`` when there is no mask (every row real)."""
     return a if m is None else jnp.where(m, a, b)
@@ -267,7 +273,7 @@ def _moments(xc, m, cfg: _Config):
         n = n_local
         centre = shift + s / jnp.maximum(nf_local, 1)
     else:
-        n, total = _psum((n_local, nf_local * shift + s), cfg)
+        n, total = _psum_count(n_local, cfg), _psum(nf_local * shift + s, cfg)
         centre = total / jnp.maximum(n.astype(cfg.compute_dtype), 1)
     centre = jax.lax.stop_gradient(centre)
     e = _sel(m, xc - centre, 0)
@@ -316,7 +322,7 @@ def _train_two_pass(cfg: _Config, x, m, scale, bias, moving_mean, moving_var):
     squares around it), normalized around the mean. Same contract, different arithmetic."""
     xc = x.astype(cfg.compute_dtype)
     n_local = _count(xc, m, cfg)
-    n, total = _psum((n_local, jnp.sum(_sel(m, xc, 0), axis=cfg.axes, keepdims=True)), cfg)
+    n, total = _psum_count(n_local, cfg), _psum(jnp.sum(_sel(m, xc, 0), axis=cfg.axes, keepdims=True), cfg)
     denom = jnp.maximum(n, 1).astype(cfg.compute_dtype)
     mean = total / denom
     dm = _sel(m, xc - mean, 0)
