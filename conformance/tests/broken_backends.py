@@ -43,6 +43,20 @@ class UnmaskedStats(ReferenceLayer):
         return axis, y, aux
 
 
+class MeanOffAtTheSpreadBound(ReferenceLayer):
+    """Moves the moving mean by 3 x the stats tolerance at its loosest (1e-7 of the
+    batch's spread, plus 1e-5 relative): the spread term must still catch it."""
+
+    def _run(self, x, x_dtype, mask, training):
+        axis, real = self._check(x, x_dtype, mask)
+        out = super()._run(x, x_dtype, mask, training)
+        if training and real.any():
+            _, var, _ = ref.batch_moments(ref.to_rows(x.astype(np.float64), axis), ref.to_rows(real, axis))
+            mean = self.state["moving_mean"].astype(np.float64)
+            self.state["moving_mean"] = (mean + 3e-7 * np.sqrt(var.max()) + 3e-5 * np.abs(mean)).astype(self._store)
+        return out
+
+
 class EvalUpdatesStats(ReferenceLayer):
     """Updates the moving stats in inference too."""
 
