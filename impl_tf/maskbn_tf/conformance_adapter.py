@@ -106,12 +106,21 @@ class TFLayer:
     def _tensor(self, array: np.ndarray, dtype: str):
         ops = self._keras.ops
         array = np.asarray(array)
+        if not self._keras.backend.is_float_dtype(dtype):
+            return array  # a bad-input case: as NumPy, as with `_mask`, so its dtype reaches the layer
         # the array's own dtype first: Keras' torch backend would otherwise read float64 as floatx
         return ops.cast(ops.convert_to_tensor(array, dtype=array.dtype.name), dtype)
 
     def _mask(self, mask: np.ndarray | None):
-        # keeps the NumPy dtype (bool, int8, uint8, int32, int64, or float on purpose)
-        return None if mask is None else self._keras.ops.convert_to_tensor(np.asarray(mask))
+        # keeps the NumPy dtype (bool, int8, uint8, int32, int64). A float mask (a bad-input
+        # case) stays NumPy, as a user may pass it: as a tensor, JAX without x64 would already
+        # have made float64 float32 before the layer could name the dtype it was given
+        if mask is None:
+            return None
+        mask = np.asarray(mask)
+        if np.issubdtype(mask.dtype, np.floating):
+            return mask
+        return self._keras.ops.convert_to_tensor(mask)
 
     def _output(self, tensor) -> Output:
         name = self._keras.backend.standardize_dtype(tensor.dtype)

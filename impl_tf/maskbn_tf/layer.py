@@ -31,11 +31,21 @@ def _check_mask_dtype(mask) -> None:
     """TypeError for a mask that is neither bool nor integer (a float mask is ambiguous)."""
     name = _dtype_name(mask.dtype)
     if not _is_mask_dtype(name):
-        raise TypeError(
-            f"mask dtype {name} is not supported: pass a bool or integer mask (non-zero means a real "
-            "row), e.g. `mask > 0` or `mask.astype(bool)`; a float mask is rejected because its "
-            "rounding would decide which rows count"
-        )
+        raise _unsupported_mask_dtype(name)
+
+
+def _unsupported_mask_dtype(name: str) -> TypeError:
+    return TypeError(
+        f"mask dtype {name} is not supported: pass a bool or integer mask (non-zero means a real "
+        "row), e.g. `mask > 0` (a list: `np.asarray(mask) > 0`) or `mask.astype(bool)`; a float "
+        "mask is rejected because its rounding would decide which rows count"
+    )
+
+
+def _check_x_dtype(dtype) -> None:
+    name = _dtype_name(dtype)
+    if not keras.backend.is_float_dtype(name):
+        raise TypeError(f"x dtype {name} is not a floating dtype: MaskedBatchNormalization needs float input")
 
 
 def _as_mask_tensor(mask):
@@ -45,11 +55,7 @@ def _as_mask_tensor(mask):
         if array.dtype == object:
             raise TypeError(f"mask {type(mask).__name__} is ragged or not numeric: pass a bool array")
         if not (array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer)):
-            raise TypeError(
-                f"mask dtype {array.dtype} is not supported: pass a bool or integer mask (non-zero means a "
-                "real row), e.g. `np.asarray(mask) > 0`; a float mask is rejected because its rounding "
-                "would decide which rows count"
-            )
+            raise _unsupported_mask_dtype(str(array.dtype))
         return ops.convert_to_tensor(array)
     return mask
 
@@ -275,7 +281,11 @@ class MaskedBatchNormalization(keras.layers.Layer):
 
     def __call__(self, *args, **kwargs):
         # Keras autocasts float arguments (a mask included) to the compute dtype before `call`
-        # sees them; check the mask first so the error names the dtype the caller passed.
+        # sees them, and JAX without x64 turns NumPy int64/float64 into 32 bits: check the mask
+        # and a NumPy x first so the error names the dtype the caller passed.
+        inputs = args[0] if args else kwargs.get("inputs")
+        if isinstance(inputs, np.ndarray):
+            _check_x_dtype(inputs.dtype)
         if "mask" in kwargs:
             mask = kwargs["mask"] = _as_mask_tensor(kwargs["mask"])
         elif len(args) > 2:
@@ -289,9 +299,7 @@ class MaskedBatchNormalization(keras.layers.Layer):
 
     def _validate(self, inputs, mask):
         """Every check runs before any state changes; returns (channel axis, bool mask or None)."""
-        x_dtype = _dtype_name(inputs.dtype)
-        if not keras.backend.is_float_dtype(x_dtype):
-            raise TypeError(f"x dtype {x_dtype} is not a floating dtype: MaskedBatchNormalization needs float input")
+        _check_x_dtype(inputs.dtype)
         x_shape = tuple(inputs.shape)
         axis = self._channel_axis(x_shape)
         if x_shape[axis] is not None and x_shape[axis] != self.channels:
