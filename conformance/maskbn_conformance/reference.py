@@ -62,9 +62,10 @@ def mask_elements(mask: np.ndarray, shape: tuple[int, ...], axis: int) -> np.nda
     ``axis``, resolved): a bool array of x's shape, or ValueError.
 
     Accepted (spec/README.md, "Mask shape"): (a) x's shape without the channel
-    axis; (b) Keras's x.shape[:-1], broadcast over the last axis; (c) any
-    array of x's rank that broadcasts to x. Where (a) and (b) are one shape
-    (channel axis not last, equal sizes), reading (a) wins.
+    axis; (b) Keras's reading: rank(x) - 1 dims that broadcast to x.shape[:-1]
+    (size 1 or x's), broadcast over the last axis too; (c) any array of x's
+    rank that broadcasts to x. Where (a) and (b) both fit (channel axis not
+    last, equal sizes), reading (a) wins.
     """
     mask = np.asarray(mask)
     shape = tuple(shape)
@@ -72,11 +73,11 @@ def mask_elements(mask: np.ndarray, shape: tuple[int, ...], axis: int) -> np.nda
     if mask.ndim == len(shape) - 1:
         if mask.shape == squeezed:
             return real_elements(mask != 0, shape, axis)
-        if mask.shape == shape[:-1]:
+        if all(m in (1, s) for m, s in zip(mask.shape, shape[:-1])):
             return np.broadcast_to(np.expand_dims(mask != 0, -1), shape)
     elif mask.ndim == len(shape) and all(m in (1, s) for m, s in zip(mask.shape, shape)):
         return np.broadcast_to(mask != 0, shape)
-    keras = f", {shape[:-1]} (over the leading axes)" if shape[:-1] != squeezed else ""
+    keras = f", {shape[:-1]} or a broadcast of it (over the leading axes)"
     raise ValueError(
         f"mask shape {tuple(mask.shape)} does not fit x shape {shape}: expected {squeezed}{keras} "
         f"or a shape of rank {len(shape)} that broadcasts to {shape}"

@@ -102,8 +102,9 @@ def mask_layout(mask_shape: Sequence[int], x_shape: Sequence[int], axis: int) ->
 
     (a) x's shape without the channel axis, or with a size-1 channel axis: one
         flag per position, shared by every channel;
-    (b) Keras' convention: ``x.shape[:-1]`` (rank(x) - 1), covering x's leading
-        axes and broadcast over the last one. With the channel axis last this is
+    (b) Keras' convention: ``x.shape[:-1]`` (rank(x) - 1) or a shape that
+        broadcasts to it (each dim 1 or x's), covering x's leading axes and
+        broadcast over the last one. With the channel axis last this is
         (a); with another channel axis the mask varies along the channels;
     (c) Flax's convention: same rank as x, each dim 1 or x's, broadcast.
 
@@ -115,13 +116,13 @@ def mask_layout(mask_shape: Sequence[int], x_shape: Sequence[int], axis: int) ->
     with_one = x_shape[:axis] + (1,) + x_shape[axis + 1 :]
     if mask_shape in (without, with_one):
         return with_one
-    if mask_shape == x_shape[:-1]:
+    if len(mask_shape) == len(x_shape) - 1 and all(m in (1, d) for m, d in zip(mask_shape, x_shape)):
         return mask_shape + (1,)
     if len(mask_shape) == len(x_shape) and all(m in (1, d) for m, d in zip(mask_shape, x_shape)):
         return mask_shape
     raise ValueError(
         f"mask shape {mask_shape} does not fit x shape {x_shape} with channel axis {axis}: expected "
-        f"{without} or {with_one} (one flag per position), {x_shape[:-1]} (Keras: x's leading axes), "
+        f"{without} or {with_one} (one flag per position), {x_shape[:-1]} or a broadcast of it (Keras: x's leading axes), "
         f"or a rank-{len(x_shape)} shape that broadcasts to {x_shape} (Flax)"
     )
 

@@ -38,13 +38,13 @@ def _dims_equal(shape, target) -> bool:
 def broadcast_mask(mask, x_shape, axis: int):
     """``mask`` (bool or integer, already a tensor) as a bool tensor of rank(x) that broadcasts to x.
 
-    Accepted, in this order of precedence (contract 1a, interface decision 3):
-    (a) rank(x) - 1 dims that broadcast to x without its channel axis ``axis``;
-    (b) Keras' convention: rank(x) - 1 dims that broadcast to ``x.shape[:-1]`` (the
-        leading axes), broadcast over the last axis;
+    Accepted, in this order of precedence (contract 1a, `reference.mask_elements`):
+    (a) x's shape without its channel axis ``axis``;
+    (b) Keras' convention: rank(x) - 1 dims that broadcast to ``x.shape[:-1]`` (the leading
+        axes), broadcast over the last axis too;
     (c) rank(x) dims that broadcast to x (size 1 or C on the channel axis).
-    An exact fit of (a) wins over (b) where both fit (an ambiguous shape, channel axis
-    not last); ``x.shape[:-1] + (1,)`` states (b) unambiguously.
+    (a) is an exact shape; (a) wins where both fit (an ambiguous shape, channel axis not last);
+    ``x.shape[:-1] + (1,)`` states (b) unambiguously.
     """
     x_shape = tuple(x_shape)
     m_shape = tuple(mask.shape)
@@ -52,17 +52,15 @@ def broadcast_mask(mask, x_shape, axis: int):
     without_channel = x_shape[:axis] + x_shape[axis + 1 :]
     leading = x_shape[:-1]
     if len(m_shape) == rank - 1:
-        if _dims_equal(m_shape, without_channel) or (
-            _dims_broadcast(m_shape, without_channel) and not _dims_broadcast(m_shape, leading)
-        ):
+        if _dims_equal(m_shape, without_channel):
             mask = ops.expand_dims(mask, axis)
         elif _dims_broadcast(m_shape, leading):
             mask = ops.expand_dims(mask, -1)
         else:
             raise ValueError(
                 f"mask shape {m_shape} does not fit x shape {x_shape}: a mask of rank {rank - 1} must "
-                f"broadcast to {without_channel} (x without its channel axis {axis}) or to {leading} "
-                "(x's leading axes, Keras' convention)"
+                f"be {without_channel} (x without its channel axis {axis}) or broadcast to {leading} "
+                f"(x's leading axes, Keras' convention), or have rank {rank} and broadcast to x"
             )
     elif len(m_shape) != rank or not _dims_broadcast(m_shape, x_shape):
         raise ValueError(

@@ -31,6 +31,7 @@ MASKS = {
     "ambiguous-shape-reads-without-channel": ((4, 3, 3), 1, (4, 3), lambda m, x: np.broadcast_to(m[:, None, :], x)),
     "same-rank-keras-form-unambiguous": ((4, 3, 3), 1, (4, 3, 1), lambda m, x: np.broadcast_to(m, x)),
     "broadcast-leading-axes": ((2, 4, 3, 5), -1, (1, 4, 1), lambda m, x: np.broadcast_to(m[..., None], x)),
+    "broadcast-leading-axes-channels-first": ((4, 3, 5), 1, (4, 1), lambda m, x: np.broadcast_to(m[..., None], x)),
     "same-rank-broadcast": ((4, 6, 3), -1, (1, 6, 1), lambda m, x: np.broadcast_to(m, x)),
     "per-channel": ((4, 6, 3), -1, (4, 6, 3), lambda m, x: m),
     "per-channel-channels-first": ((4, 3, 6), 1, (4, 3, 6), lambda m, x: m),
@@ -86,6 +87,22 @@ def test_bad_python_masks_raise_clearly(mask, error, text):
     layer = MaskedBatchNormalization()
     with pytest.raises(error, match=re.escape(text)):
         layer(np.ones((3, 2, 4), np.float32), training=True, mask=mask)
+
+
+def test_rank_minus_one_mask_broadcasting_to_neither_reading_is_refused():
+    # (1, 5) for (4, 3, 5) with channels on axis 1: x without the channel axis is (4, 5), exact
+    # only (reading a); it does not broadcast to the leading axes (4, 3) (reading b)
+    layer = MaskedBatchNormalization(axis=1)
+    with pytest.raises(ValueError, match=re.escape("mask shape (1, 5) does not fit x shape (4, 3, 5)")):
+        layer(np.ones((4, 3, 5), np.float32), training=True, mask=np.ones((1, 5), bool))
+
+
+def test_integer_numpy_x_is_refused_naming_its_dtype():
+    # JAX without x64 would make int64 int32 before the layer sees it; the error names int64
+    layer = MaskedBatchNormalization()
+    with pytest.raises(TypeError, match="x dtype int64"):
+        layer(np.ones((3, 2, 4), np.int64), training=True)
+    assert not layer.built
 
 
 def test_python_list_mask_is_converted(padded_batch):
