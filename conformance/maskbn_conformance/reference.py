@@ -57,6 +57,11 @@ def real_elements(real: np.ndarray, shape: tuple[int, ...], axis: int) -> np.nda
     return np.broadcast_to(real, shape)
 
 
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Same rank, each dim 1 or target's."""
+    return len(shape) == len(target) and all(m in (1, t) for m, t in zip(shape, target))
+
+
 def mask_elements(mask: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
     """The contract's reading of a mask for an x of ``shape`` (channel axis
     ``axis``, resolved): a bool array of x's shape, or ValueError.
@@ -73,9 +78,9 @@ def mask_elements(mask: np.ndarray, shape: tuple[int, ...], axis: int) -> np.nda
     if mask.ndim == len(shape) - 1:
         if mask.shape == squeezed:
             return real_elements(mask != 0, shape, axis)
-        if all(m in (1, s) for m, s in zip(mask.shape, shape[:-1])):
+        if _broadcasts(mask.shape, shape[:-1]):
             return np.broadcast_to(np.expand_dims(mask != 0, -1), shape)
-    elif mask.ndim == len(shape) and all(m in (1, s) for m, s in zip(mask.shape, shape)):
+    elif _broadcasts(mask.shape, shape):
         return np.broadcast_to(mask != 0, shape)
     keras = f", {shape[:-1]} or a broadcast of it (over the leading axes)"
     raise ValueError(
@@ -164,7 +169,10 @@ def forward(
         y_rows = gamma * xhat + beta
     if cfg.padded_output == "zero":
         y_rows[~real_rows] = 0.0
-    aux = {"xhat": xhat, "inv_std": inv_std, "gamma": gamma, "real": real_rows, "n": np.where(active, n, 0)}
+    aux = {
+        "xhat": xhat, "inv_std": inv_std, "gamma": gamma, "real": real_rows,
+        "n": np.where(active, n, 0), "batch_var": np.where(active, batch_var, 0.0),
+    }  # fmt: skip
     return from_rows(y_rows, x.shape, cfg.axis), new_state, aux
 
 

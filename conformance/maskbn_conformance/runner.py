@@ -89,6 +89,8 @@ class RefStep:
     hvp: np.ndarray | None = None
     #: per channel: the real elements the batch statistics came from (0: moving stats used)
     n: np.ndarray | None = None
+    #: per channel: the batch's population variance over those elements (0 where n is 0)
+    batch_var: np.ndarray | None = None
 
 
 def expand_steps(case: Case) -> list[dict[str, Any]]:
@@ -274,7 +276,7 @@ def run_reference(case: Case, dtype: str, trace: Trace) -> list[RefStep]:
             inputs = record.inputs
             hvp = ref.hessian_vector_product(inputs.x64, inputs.real, state, cfg, inputs.dy64, inputs.v64)
         y, state, aux = ref.forward(record.inputs.x64, record.inputs.real, state, cfg, training)
-        refstep = RefStep(y=y, state_after=dict(state), n=aux["n"])
+        refstep = RefStep(y=y, state_after=dict(state), n=aux["n"], batch_var=aux["batch_var"])
         if record.call == "backward":
             refstep.dx, refstep.dgamma, refstep.dbeta = ref.backward(record.inputs.dy64, aux, cfg)
         if record.call == "hvp":
