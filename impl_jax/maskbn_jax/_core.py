@@ -95,6 +95,11 @@ def channel_mismatch(x_shape, axis: int, what: str, shape) -> ValueError:
     )
 
 
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Same rank, each dim 1 or target's."""
+    return len(shape) == len(target) and all(m in (1, t) for m, t in zip(shape, target))
+
+
 def mask_layout(mask_shape: Sequence[int], x_shape: Sequence[int], axis: int) -> tuple[int, ...]:
     """The same-rank shape a mask of ``mask_shape`` is read as, for x of ``x_shape`` (channel ``axis``).
 
@@ -116,14 +121,14 @@ def mask_layout(mask_shape: Sequence[int], x_shape: Sequence[int], axis: int) ->
     with_one = x_shape[:axis] + (1,) + x_shape[axis + 1 :]
     if mask_shape in (without, with_one):
         return with_one
-    if len(mask_shape) == len(x_shape) - 1 and all(m in (1, d) for m, d in zip(mask_shape, x_shape)):
+    if _broadcasts(mask_shape, x_shape[:-1]):
         return mask_shape + (1,)
-    if len(mask_shape) == len(x_shape) and all(m in (1, d) for m, d in zip(mask_shape, x_shape)):
+    if _broadcasts(mask_shape, x_shape):
         return mask_shape
     raise ValueError(
         f"mask shape {mask_shape} does not fit x shape {x_shape} with channel axis {axis}: expected "
-        f"{without} or {with_one} (one flag per position), {x_shape[:-1]} or a broadcast of it (Keras: x's leading axes), "
-        f"or a rank-{len(x_shape)} shape that broadcasts to {x_shape} (Flax)"
+        f"{without} or {with_one} (one flag per position), {x_shape[:-1]} or a broadcast of it "
+        f"(Keras: x's leading axes), or a rank-{len(x_shape)} shape that broadcasts to {x_shape} (Flax)"
     )
 
 
@@ -144,7 +149,7 @@ def flax_mask(mask, x_shape: Sequence[int], axis: int):
         return mask
     except ValueError:
         padded = (1,) * (len(x_shape) - len(mask_shape)) + mask_shape
-        if all(m in (1, d) for m, d in zip(padded, x_shape)):
+        if _broadcasts(padded, x_shape):
             return jnp.reshape(jnp.asarray(mask), padded)
         raise
 

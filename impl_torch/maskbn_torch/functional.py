@@ -49,14 +49,19 @@ def _check_input(x: Tensor) -> None:
         raise ValueError(f"x must have a channel axis, got a 0-dim tensor (x shape {_shape(x)})")
 
 
+def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Same rank, each dim 1 or target's (sizes compared as they are: symbolic ones stay symbolic)."""
+    return len(shape) == len(target) and all(m in (1, t) for m, t in zip(shape, target))
+
+
 def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
     """Validate ``mask`` and return it as a bool tensor of x's rank that broadcasts to x.
 
     Accepted (contract 1a), tried in this order, so the ambiguous rank(x) - 1 shape reads as (a):
     (a) x's shape without the channel axis; (b) x's leading axes, ``x.shape[:-1]`` or a
-    shape that broadcasts to it (Keras' convention, broadcast over the last axis); (c) a mask of x's rank that broadcasts to x
-    (Flax's convention; it may vary along the channel axis: then each channel has its own
-    real positions). The result's channel dim is 1 or C; its other dims are x's.
+    shape that broadcasts to it (Keras' convention, broadcast over the last axis); (c) a
+    mask of x's rank that broadcasts to x (Flax's convention; it may vary along the channel
+    axis: then each channel has its own real positions). The result's channel dim is 1 or C; its other dims are x's.
     """
     if mask is None:
         return None
@@ -72,9 +77,9 @@ def _prepare_mask(mask: Tensor | None, x: Tensor, axis: int) -> Tensor | None:
     keep = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
     if mask.shape == without:
         mask = mask.unsqueeze(axis)
-    elif mask.dim() == x.dim() - 1 and all(ms in (1, xs) for ms, xs in zip(mask.shape, x.shape[:-1])):
+    elif _broadcasts(mask.shape, x.shape[:-1]):
         mask = mask.unsqueeze(-1)
-    elif mask.dim() != x.dim() or any(ms not in (1, xs) for ms, xs in zip(mask.shape, x.shape)):
+    elif not _broadcasts(mask.shape, x.shape):
         raise ValueError(
             f"mask shape {_shape(mask)} does not fit x shape {_shape(x)} with channel axis {axis}: "
             f"expected {_shape(without)} (x without the channel axis), {_shape(x.shape[:-1])} (x's leading "
