@@ -95,7 +95,7 @@ def channel_mismatch(x_shape, axis: int, what: str, shape) -> ValueError:
     )
 
 
-def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     """Same rank, each dim 1 or target's."""
     return len(shape) == len(target) and all(m in (1, t) for m, t in zip(shape, target))
 

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 from ._core import channel_axis, channel_mismatch, flax_mask, masked_batch_norm
 from ._flax_dialect import check_use_running_average, require_flax, result_dtype
 
-nn = require_flax("linen")
+if tp.TYPE_CHECKING:
+    from flax import linen as nn
+else:  # at run time, an ImportError that names the [flax] extra
+    nn = require_flax("linen")
 
 __all__ = ["BatchNorm", "MaskedBatchNorm"]
 

@@ -20,7 +20,10 @@ import jax.numpy as jnp
 from ._core import PADDED_OUTPUTS, channel_axis, flax_mask, masked_batch_norm
 from ._flax_dialect import check_use_running_average, promote_dtype, require_flax, result_dtype
 
-nnx = require_flax("nnx")
+if tp.TYPE_CHECKING:
+    from flax import nnx
+else:  # at run time, an ImportError that names the [flax] extra
+    nnx = require_flax("nnx")
 
 __all__ = ["MaskedBatchNorm"]
 

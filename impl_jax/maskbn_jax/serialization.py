@@ -47,7 +47,8 @@ def save(
     config: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``params``, ``state`` and an optional JSON-able ``config`` to an ``.npz``."""
-    arrays = {f"params/{k}": np.asarray(v) for k, v in params.items()}
+    # Any: numpy's stubs read **arrays against savez's keyword-only allow_pickle
+    arrays: dict[str, Any] = {f"params/{k}": np.asarray(v) for k, v in params.items()}
     arrays.update({f"batch_stats/{k}": np.asarray(v) for k, v in state.items()})
     arrays["config"] = np.array(json.dumps(_check_config(config)))
     np.savez(file, **arrays)
@@ -128,7 +129,7 @@ def save_portable(
         "padded_output": padded_output,
         "moving_var": "unbiased" if unbiased_var else "population",
     }
-    arrays = {_TO_NEUTRAL[k]: np.asarray(v) for tree in (params, state) for k, v in tree.items()}
+    arrays: dict[str, Any] = {_TO_NEUTRAL[k]: np.asarray(v) for tree in (params, state) for k, v in tree.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "maskbn.json").write_text(json.dumps(config, indent=2))
@@ -153,7 +154,8 @@ def load_portable(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
         raise ValueError(f"{directory / 'maskbn.json'}: moving_var must be one of {_MOVING_VAR}, got {moving_var!r}")
     with np.load(directory / "maskbn.npz", allow_pickle=False) as saved:
         arrays = {key: saved[key] for key in saved.files}
-    params, state = {}, {}
+    params: dict[str, jnp.ndarray] = {}
+    state: dict[str, jnp.ndarray] = {}
     for name, neutral in _TO_NEUTRAL.items():
         wanted = {"scale": config["scale"], "bias": config["center"]}.get(name, True)
         if (neutral in arrays) != wanted:

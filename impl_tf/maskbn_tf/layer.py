@@ -9,6 +9,8 @@ tensor value (the empty-mask fallback is a `where`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 from keras import constraints, initializers, ops, regularizers
@@ -162,6 +164,14 @@ class MaskedBatchNormalization(keras.layers.Layer):
     works. Under the ``mixed_float16`` / ``mixed_bfloat16`` policies the variables
     stay float32 and the output has the compute dtype.
     """
+
+    # what build() creates; None before (Keras variables are untyped: Any)
+    channels: int | None
+    gamma: Any
+    beta: Any
+    moving_mean: Any
+    moving_variance: Any
+    moving_stddev: Any
 
     def __init__(
         self,
@@ -323,8 +333,7 @@ class MaskedBatchNormalization(keras.layers.Layer):
             return ops.cast(inputs, out_dtype)
         x = ops.cast(inputs, cdt)
         rank = len(x.shape)
-        bshape = [1] * rank
-        bshape[axis] = self.channels
+        bshape = [self.channels if i == axis else 1 for i in range(rank)]
 
         def per_channel(v):
             return ops.reshape(ops.cast(v, cdt), bshape)

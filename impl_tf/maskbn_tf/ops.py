@@ -13,7 +13,7 @@ The layer (`maskbn_tf.layer`) does the bookkeeping: validation, variables, updat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -193,12 +193,12 @@ class Moments(NamedTuple):
     for every position and ``centered_real`` the same, 0 at padded positions.
     """
 
-    count: object  # float, >= 0
-    shift: object
-    delta: object
-    variance: object  # population
-    centered: object
-    centered_real: object
+    count: Any  # float, >= 0
+    shift: Any
+    delta: Any
+    variance: Any  # population
+    centered: Any
+    centered_real: Any
 
 
 def masked_moments(x, mask, axis: int, fallback_shift, replica_sum: ReplicaSum = local_sum) -> Moments:

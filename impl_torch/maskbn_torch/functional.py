@@ -372,7 +372,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         x: Tensor,
         weight: Tensor | None,
@@ -412,7 +412,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         x, weight, bias, m, mean, var, count = ctx.saved_tensors
         nones = (None,) * 10
         # a graph wanted (create_graph), or a vmapped backward (batched grads, torch.func):
@@ -427,7 +427,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         if _gathers_rows(x, m, ctx.axis, ctx.group):
             return (*_row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count), *nones)
         keep = None if m is None else _keep_bits(m, acc)
-        if m is None:
+        if keep is None:
             dy = grad_out.to(acc)  # may be grad_out itself: never modified in place
         elif grad_out.dtype == acc:
             dy = _select(grad_out, keep, inplace=False)
@@ -437,7 +437,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if need_w or (need_x and count is not None):
             xhat = (x - mean).mul_(invstd)
-            if m is not None:
+            if keep is not None:
                 _select(xhat, keep, inplace=True)
             s2 = (dy * xhat).sum(dims, keepdim=True, dtype=red)
         if need_x:
@@ -450,7 +450,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
                 n = count.clamp(min=1)
                 g_s1, g_s2 = _all_reduce_sum(ctx.group, s1, s2)
                 grad_x = xhat.mul_((-g_s2 / n).to(acc)).add_(dy).sub_((g_s1 / n).to(acc)).mul_(g)
-                if m is not None:
+                if keep is not None:
                     _select(grad_x, keep, inplace=True)
             else:
                 # fixed stats: dy is already 0 on padded rows
@@ -520,10 +520,11 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -
         grad_rows, grad_w, _ = _native_backward(
             dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, ctx.eps, need_x, need_w
         )
-    grad_x = _scatter_rows(grad_rows, x, m, axis).to(x.dtype) if need_x else None
-    grad_w = grad_w.to(weight.dtype) if need_w else None
-    grad_b = dy_rows.sum(0).to(bias.dtype) if need_b else None
-    return grad_x, grad_w, grad_b
+    return (
+        _scatter_rows(grad_rows, x, m, axis).to(x.dtype) if need_x else None,
+        grad_w.to(weight.dtype) if need_w else None,
+        dy_rows.sum(0).to(bias.dtype) if need_b else None,
+    )
 
 
 def _native_backward(dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, eps, need_x, need_w):
@@ -665,7 +666,8 @@ def masked_batch_norm(
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
-    if not training and running_mean is None:
+    running = None if running_mean is None or running_var is None else (running_mean, running_var)
+    if not training and running is None:
         raise ValueError("running_mean and running_var are required when training=False")
     if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
@@ -683,9 +685,8 @@ def masked_batch_norm(
         group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
         count, batch_mean, batch_var = _batch_moments(input, m, axis, dims, stat_shape, acc, group)
         has_real = count > 0
-        if running_mean is not None:
-            prior_mean = running_mean.detach().to(acc).reshape(stat_shape)
-            prior_var = running_var.detach().to(acc).reshape(stat_shape)
+        if running is not None:
+            prior_mean, prior_var = (t.detach().to(acc).reshape(stat_shape) for t in running)
         else:
             # no running stats to fall back on: the initial ones (mean 0, var 1)
             prior_mean = torch.zeros((), dtype=acc, device=input.device)
@@ -694,10 +695,9 @@ def masked_batch_norm(
         # Selected before the in-place update below, which may alias prior_mean/prior_var.
         mean = torch.where(has_real, batch_mean, prior_mean)
         var = torch.where(has_real, batch_var, prior_var)
-        if running_mean is not None:
+        if running is not None:
             _update_running_stats(
-                running_mean,
-                running_var,
+                *running,
                 num_batches_tracked,
                 batch_mean,
                 batch_var,
@@ -707,8 +707,8 @@ def masked_batch_norm(
                 unbiased_running_var,
             )
     else:
-        mean = running_mean.detach().to(acc).reshape(stat_shape)
-        var = running_var.detach().to(acc).reshape(stat_shape)
+        assert running is not None  # required when not training (checked above)
+        mean, var = (t.detach().to(acc).reshape(stat_shape) for t in running)
     args = (
         input,
         weight,
@@ -757,10 +757,11 @@ def _update_running_stats(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(any_real.to(num_batches_tracked.dtype))
         acc = mean.dtype
-        if momentum is None:
-            factor = 1.0 / num_batches_tracked.clamp(min=1).to(acc)
-        else:
+        if momentum is not None:
             factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+        else:
+            assert num_batches_tracked is not None  # required by a cumulative average (checked by the caller)
+            factor = 1.0 / num_batches_tracked.clamp(min=1).to(acc)
         count = count.reshape(-1)
         batch_var = var.reshape(-1)
         if unbiased:

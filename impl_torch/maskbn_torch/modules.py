@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,13 @@ class MaskedBatchNorm(nn.Module):
 
     _version = 2  # as nn.BatchNorm: version 2 added num_batches_tracked
 
+    # None where the configuration creates no such parameter or buffer
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
     def __init__(
         self,
         num_features: int,
@@ -94,7 +101,6 @@ class MaskedBatchNorm(nn.Module):
             raise ValueError(f"padded_output must be one of {PADDED_OUTPUTS}, got {padded_output!r}")
         if not isinstance(channel_axis, int):
             raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
-        factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -105,16 +111,16 @@ class MaskedBatchNorm(nn.Module):
         self.process_group = process_group
         self.unbiased_running_var = unbiased_running_var
         if affine and weight:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
         if affine and bias:
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
             self.register_buffer(
                 "num_batches_tracked",
                 torch.tensor(0, dtype=torch.long, device=device),
@@ -127,10 +133,11 @@ class MaskedBatchNorm(nn.Module):
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running var 1, counter 0 (as ``nn.BatchNorm``)."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        if not self.track_running_stats:  # as nn.BatchNorm: frozen stats stay
+            return
+        for buffer, value in ((self.running_mean, 0), (self.running_var, 1), (self.num_batches_tracked, 0)):
+            if buffer is not None:
+                buffer.fill_(value)
 
     def reset_parameters(self) -> None:
         """Reset the running stats, and weight to 1 / bias to 0 (as ``nn.BatchNorm``)."""
@@ -282,7 +289,7 @@ def _sync_group(bn: nn.Module) -> Any:
     return bn.process_group if bn.process_group is not None else dist.group.WORLD
 
 
-def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) -> MaskedBatchNorm:
+def _converted(bn: nn.modules.batchnorm._BatchNorm, padded_output: str, unbiased_running_var: bool) -> MaskedBatchNorm:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     new = MaskedBatchNorm(
         bn.num_features,
@@ -299,12 +306,13 @@ def _converted(bn: nn.Module, padded_output: str, unbiased_running_var: bool) ->
     )
     # share the very Parameter and buffer objects (as nn.SyncBatchNorm.convert_sync_batchnorm
     # does), so an optimizer built before the conversion keeps updating the live weights
+    # (torch declares none of them on _BatchNorm: each is a Parameter, a Tensor or None)
     if bn.affine:
-        new.weight = bn.weight
-        new.bias = bn.bias
+        new.weight = cast(nn.Parameter | None, bn.weight)
+        new.bias = cast(nn.Parameter | None, bn.bias)
     if bn.track_running_stats and bn.running_mean is not None:
-        new.running_mean = bn.running_mean
-        new.running_var = bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
+        new.running_mean = cast(Tensor, bn.running_mean)
+        new.running_var = cast(Tensor, bn.running_var)
+        new.num_batches_tracked = cast(Tensor | None, bn.num_batches_tracked)
     new.train(bn.training)
     return new
