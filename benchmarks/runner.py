@@ -92,12 +92,18 @@ def grid_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _run_worker(backend: str, exe: str, cfg_path: Path, out_json: Path, log_path: Path, timeout: float) -> dict:
+def worker_env(backend: str) -> dict[str, str]:
+    """The environment of a backend's subprocess: this tree importable, Keras on TensorFlow for tf."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if backend == "tf":
         env["KERAS_BACKEND"] = "tensorflow"
+    return env
+
+
+def _run_worker(backend: str, exe: str, cfg_path: Path, out_json: Path, log_path: Path, timeout: float) -> dict:
+    env = worker_env(backend)
     out_json.unlink(missing_ok=True)
     cmd = [exe, "-m", "benchmarks.worker", backend, str(cfg_path), str(out_json)]
     t0 = time.perf_counter()
