@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_errors_are_in_sigma_and_relative():
-    x, mask = make_batch(1e4, 4096)
+    x, mask = make_batch(1e4, 1.0, 4096)
     real = x[mask].astype(np.float64)
     mean, var = real.mean(axis=0), real.var(axis=0)
     assert errors(x, mask, mean, var)["mean_err_sigma"] == 0.0
@@ -28,7 +28,7 @@ def test_errors_are_in_sigma_and_relative():
 
 
 def test_padded_rows_are_zero_and_real_rows_at_the_offset():
-    x, mask = make_batch(1e6, 4096)
+    x, mask = make_batch(1e6, 1.0, 4096)
     assert x.dtype == np.float32 and mask.shape == x.shape[:-1]
     assert np.all(x[~mask] == 0.0)
     assert np.allclose(x[mask].astype(np.float64).mean(axis=0), 1e6, atol=0.2)
