@@ -174,33 +174,40 @@ def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
     return m.shape[axis] == 1
 
 
-def _real_rows(t: Tensor, m: Tensor | None, axis: int) -> Tensor:
-    """(n, C): t's real positions, channel last, in position order (a view when ``m`` is None)."""
+def _real_index(m: Tensor | None, axis: int) -> Tensor | None:
+    """The flat positions of the real rows (int64, in order), or None without a mask: computed
+    once per pass and shared by its gathers and its scatter (each nonzero is a host sync)."""
+    return None if m is None else m.squeeze(axis).reshape(-1).nonzero().squeeze(1)
+
+
+def _real_rows(t: Tensor, m: Tensor | None, axis: int, index: Tensor | None = None) -> Tensor:
+    """(n, C): t's real positions, channel last, in position order (a view when ``m`` is None).
+
+    ``index``: :func:`_real_index` of ``m``, where the caller already has it.
+    """
     tl = t.movedim(axis, -1)
     if m is None:
         return tl.reshape(-1, tl.shape[-1])
-    real = m.squeeze(axis)
     rows = _rows_2d(tl)
     if rows is not None:
         # index_select copies whole rows: several times faster than boolean indexing
-        return rows.index_select(0, real.reshape(-1).nonzero().squeeze(1))
-    return tl[real]
+        return rows.index_select(0, _real_index(m, axis) if index is None else index)
+    return tl[m.squeeze(axis)]
 
 
-def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int) -> Tensor:
-    """The inverse of :func:`_real_rows`: ``rows`` at the real positions of a tensor like ``like``, 0 elsewhere."""
+def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int, index: Tensor | None = None) -> Tensor:
+    """The inverse of :func:`_real_rows`: ``rows`` at the real positions of a tensor of ``like``'s
+    shape, layout and dtype, 0 elsewhere (rows are cast before the scatter: n rows, not all)."""
+    rows = rows.to(like.dtype)
     if m is None:
         return rows.view(like.movedim(axis, -1).shape).movedim(-1, axis)
-    real = m.squeeze(axis)
-    out = torch.empty_like(like, dtype=rows.dtype)
+    # a memset and one copy of the real rows: faster than writing the padded rows by index
+    out = torch.zeros_like(like)
     out_rows = _rows_2d(out.movedim(axis, -1))
     if out_rows is None:
-        out.zero_().movedim(axis, -1)[real] = rows
+        out.movedim(axis, -1)[m.squeeze(axis)] = rows
         return out
-    # each row written once: the real ones copied, the padded ones zeroed
-    flat = real.reshape(-1)
-    out_rows.index_copy_(0, flat.nonzero().squeeze(1), rows)
-    out_rows.index_fill_(0, flat.logical_not().nonzero().squeeze(1), 0.0)
+    out_rows.index_copy_(0, _real_index(m, axis) if index is None else index, rows)
     return out
 
 
@@ -509,8 +516,9 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     acc = mean.dtype
     axis = ctx.axis
-    dy_rows = _real_rows(grad_out, m, axis).to(acc)
-    x_rows = _real_rows(x, m, axis).to(acc)
+    index = _real_index(m, axis) if _rows_2d(x.movedim(axis, -1)) is not None else None
+    dy_rows = _real_rows(grad_out, m, axis, index).to(acc)
+    x_rows = _real_rows(x, m, axis, index).to(acc)
     w = None if weight is None else weight.to(acc)
     train = count is not None
     mean_v, var_v, invstd_v = mean.reshape(-1), var.reshape(-1), invstd.reshape(-1)
@@ -521,7 +529,7 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -
             dy_rows, x_rows, w, mean_v, var_v, invstd_v, train, ctx.eps, need_x, need_w
         )
     return (
-        _scatter_rows(grad_rows, x, m, axis).to(x.dtype) if need_x else None,
+        _scatter_rows(grad_rows, x, m, axis, index) if need_x else None,
         grad_w.to(weight.dtype) if need_w else None,
         dy_rows.sum(0).to(bias.dtype) if need_b else None,
     )
