@@ -174,10 +174,10 @@ def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
     return m.shape[axis] == 1
 
 
-def _real_index(m: Tensor | None, axis: int) -> Tensor | None:
-    """The flat positions of the real rows (int64, in order), or None without a mask: computed
-    once per pass and shared by its gathers and its scatter (each nonzero is a host sync)."""
-    return None if m is None else m.squeeze(axis).reshape(-1).nonzero().squeeze(1)
+def _real_index(m: Tensor, axis: int) -> Tensor:
+    """The flat positions of the real rows (int64, in order): computed once per pass and
+    shared by its gathers and its scatter (each nonzero is a host sync)."""
+    return m.squeeze(axis).reshape(-1).nonzero().squeeze(1)
 
 
 def _real_rows(t: Tensor, m: Tensor | None, axis: int, index: Tensor | None = None) -> Tensor:
@@ -516,7 +516,7 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     acc = mean.dtype
     axis = ctx.axis
-    index = _real_index(m, axis) if _rows_2d(x.movedim(axis, -1)) is not None else None
+    index = _real_index(m, axis) if m is not None and _rows_2d(x.movedim(axis, -1)) is not None else None
     dy_rows = _real_rows(grad_out, m, axis, index).to(acc)
     x_rows = _real_rows(x, m, axis, index).to(acc)
     w = None if weight is None else weight.to(acc)
