@@ -3,8 +3,12 @@
 Adapters are thin. NumPy goes in, NumPy comes out, and an adapter never
 asserts anything: every comparison belongs to the harness. A backend is found
 through the ``maskbn.backends`` entry-point group, whose value points at a
-class implementing :class:`Backend`; the class is instantiated with no
-arguments, after which ``backend.layer(config)`` builds one layer instance.
+subclass of :class:`Backend`; the class is instantiated with no arguments,
+after which ``backend.layer(config)`` builds one layer instance (a
+:class:`Layer`). Optional capabilities (second derivatives, the portable
+format, stock checkpoints, synchronized layers) have defaults in the base
+classes that raise :class:`Unsupported`, which the harness reports as a
+visible skip: an adapter overrides only what its framework can do.
 
 Dtypes travel as names, never as NumPy dtypes, because NumPy has no bfloat16:
 ``x`` arrives as a float32 array whose values are exactly representable in
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -91,14 +94,16 @@ class Gradients:
     beta: np.ndarray | None
 
 
-@runtime_checkable
-class Layer(Protocol):
-    """One stateful layer instance of a backend."""
+class Layer:
+    """One stateful layer instance of a backend. Subclasses implement the
+    required methods; the optional ones raise Unsupported here, so a layer
+    without them gets visible skips, never a crash."""
 
     def forward(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, training: bool) -> Output:
         """One call of the layer. ``mask`` keeps its NumPy dtype (bool, int, or a
         float on purpose in bad-input cases) and is passed on as is; None means
         no mask argument at all. Framework errors must propagate unchanged."""
+        raise NotImplementedError
 
     def forward_backward(
         self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray
@@ -107,31 +112,38 @@ class Layer(Protocol):
 
         ``dy`` is float32 holding values exact in ``x_dtype``; convert it like x.
         The moving stats update exactly as in ``forward(..., training=True)``."""
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Current weights and moving stats under neutral names, in the dtype
+        the layer stores them in (float32, or float64 for a float64 layer).
+        Keys whose weight does not exist (center/scale off) are absent."""
+        raise NotImplementedError
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Overwrite weights and moving stats (neutral names; a subset is fine)."""
+        raise NotImplementedError
+
+    def round_trip(self, directory: Path) -> Layer:
+        """Serialize this layer (config + state) through the framework's own
+        format into ``directory`` and return a freshly loaded layer."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ optional
 
     def hvp(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray, v: np.ndarray) -> Output:
         """Optional: a training call and its second derivative, the
         Hessian-vector product d/dx <d/dx sum(y * dy), v>, through the
         framework's own autodiff (double backward, nested tapes, grad of grad).
         ``dy`` and ``v`` arrive like ``dy`` above. The moving stats update as in
-        ``forward(..., training=True)``. A layer without it lacks the method:
-        its second-order cases become visible skips."""
-
-    def get_state(self) -> dict[str, np.ndarray]:
-        """Current weights and moving stats under neutral names, in the dtype
-        the layer stores them in (float32, or float64 for a float64 layer).
-        Keys whose weight does not exist (center/scale off) are absent."""
-
-    def set_state(self, state: dict[str, np.ndarray]) -> None:
-        """Overwrite weights and moving stats (neutral names; a subset is fine)."""
-
-    def round_trip(self, directory: Path) -> Layer:
-        """Serialize this layer (config + state) through the framework's own
-        format into ``directory`` and return a freshly loaded layer."""
+        ``forward(..., training=True)``."""
+        raise Unsupported(f"{type(self).__name__} has no second derivatives (Layer.hvp)")
 
     def export_portable(self, directory: Path) -> None:
         """Optional: write config + state in the framework-neutral portable
         format (spec/README.md, "Portable state") into ``directory``, through
         the backend's public API."""
+        raise Unsupported(f"{type(self).__name__} cannot export the portable format (Layer.export_portable)")
 
 
 @dataclass(frozen=True)
@@ -146,9 +158,19 @@ class ShardedGradients:
     gamma: np.ndarray | None
     beta: np.ndarray | None
 
+    @classmethod
+    def of_replicas(cls, replicas: list[Gradients]) -> ShardedGradients:
+        """From each replica's own gradients: every replica holds its shard's
+        share of the weight gradients, and the global loss's is their sum (what
+        a data-parallel all-reduce of parameter gradients adds up)."""
 
-@runtime_checkable
-class ShardedLayer(Protocol):
+        def summed(grads: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if grads[0] is None else np.sum(grads, axis=0)
+
+        return cls([g.x for g in replicas], summed([g.gamma for g in replicas]), summed([g.beta for g in replicas]))
+
+
+class ShardedLayer:
     """One synchronized layer replicated over k shards (devices or processes).
 
     Shard k gets ``xs[k]`` / ``masks[k]`` (a slice of the batch along axis 0);
@@ -159,63 +181,78 @@ class ShardedLayer(Protocol):
         self, xs: list[np.ndarray], x_dtype: str, masks: list[np.ndarray | None], training: bool
     ) -> list[Output]:
         """One call on every shard; returns each shard's output."""
+        raise NotImplementedError
 
     def forward_backward(
         self, xs: list[np.ndarray], x_dtype: str, masks: list[np.ndarray | None], dys: list[np.ndarray]
     ) -> tuple[list[Output], ShardedGradients]:
         """A training call and the backward of the global loss, on every shard."""
+        raise NotImplementedError
 
     def get_state(self) -> dict[str, np.ndarray]:
         """The (replicated) state, as Layer.get_state."""
+        raise NotImplementedError
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Set the state on every replica."""
+        raise NotImplementedError
 
     def close(self) -> None:
-        """Release processes or devices the layer holds."""
+        """Release processes or devices the layer holds (nothing by default)."""
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """A framework's entry point into the harness."""
+class Backend:
+    """A framework's entry point into the harness: subclass it, set the class
+    attributes and implement ``layer``; the optional capabilities below raise
+    Unsupported until a subclass provides them."""
 
     #: short name, used in test ids (``torch``, ``tf``, ``jax``)
     name: str
     #: the moving-variance convention of the framework's stock batch norm
     #: ("unbiased" for torch, "population" elsewhere): parity cases run the
     #: masked layer in it, so masked and stock layers store the same thing
-    stock_moving_var: str
+    stock_moving_var: str = "population"
     #: the forms the adapter runs a layer in (eager, graph, compiled ...), the
     #: default first; spec cases marked ``every_form`` run in each, with ids
     #: ``<name>-<form>-<case>-...`` for the non-default ones
     forms: tuple[str, ...]
+    #: training calls of the fuzz suite's long run. A backend whose eager call
+    #: is too slow for 10 000 within the fuzz folder's CI budget (about 3
+    #: minutes per backend on 2 slow cores) lowers it, with its measurement.
+    #: MASKBN_FUZZ_LONG_RUN_STEPS overrides every backend.
+    long_run_steps: int = 10_000
 
     def layer(self, config: LayerConfig) -> Layer:
         """Build a masked batch norm layer; raise Unsupported for a dtype or
         option the framework cannot run."""
-
-    def stock_layer(self, config: LayerConfig) -> Layer:
-        """The framework's own unmasked batch norm with the same config, used
-        for parity cases; it is only ever called with ``mask=None``. Raise
-        Unsupported where the framework has none."""
-
-    def sharded_layer(self, config: LayerConfig, num_shards: int) -> ShardedLayer:
-        """Optional: a synchronized layer over ``num_shards`` replicas. A backend
-        without one simply lacks the method (or raises Unsupported): its
-        sharded cases become visible skips."""
-
-    def import_portable(self, directory: Path) -> Layer:
-        """Optional: a layer loaded from the portable format, written by any
-        backend, through this backend's public API."""
-
-    def from_stock_checkpoint(self, stock: Layer, directory: Path) -> Layer:
-        """Optional: save ``stock`` (a ``stock_layer``) with the framework's
-        usual checkpoint (state_dict, Keras weights, Flax variables) into
-        ``directory`` and load that checkpoint into a new masked layer."""
+        raise NotImplementedError
 
     def expectations_path(self) -> Path | None:
         """The YAML file of this backend's expected skips/xfails/tolerance
         overrides (see spec/README.md), or None when it has none."""
+        return None
+
+    # ------------------------------------------------------------ optional
+
+    def stock_layer(self, config: LayerConfig) -> Layer:
+        """The framework's own unmasked batch norm with the same config, used
+        for parity cases; it is only ever called with ``mask=None``."""
+        raise Unsupported(f"backend {self.name} has no stock batch norm (Backend.stock_layer)")
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> ShardedLayer:
+        """A synchronized layer over ``num_shards`` replicas."""
+        raise Unsupported(f"backend {self.name} has no synchronized (sharded) layer (Backend.sharded_layer)")
+
+    def import_portable(self, directory: Path) -> Layer:
+        """A layer loaded from the portable format, written by any backend,
+        through this backend's public API."""
+        raise Unsupported(f"backend {self.name} cannot import the portable format (Backend.import_portable)")
+
+    def from_stock_checkpoint(self, stock: Layer, directory: Path) -> Layer:
+        """Save ``stock`` (a ``stock_layer``) with the framework's usual
+        checkpoint (state_dict, Keras weights, Flax variables) into
+        ``directory`` and load that checkpoint into a new masked layer."""
+        raise Unsupported(f"backend {self.name} cannot load its stock checkpoints (Backend.from_stock_checkpoint)")
 
 
 def float32_of(x: np.ndarray) -> np.ndarray:

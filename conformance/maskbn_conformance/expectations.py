@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -66,5 +68,33 @@ def load_expectations(path: Path | None) -> list[Expectation]:
     return out
 
 
-def find(expectations: list[Expectation], case: str, dtype: str, invariant: str, form: str = "") -> list[Expectation]:
-    return [e for e in expectations if e.matches(case, dtype, invariant, form)]
+@dataclass(frozen=True)
+class Applicable:
+    """The entries of a backend's expectations that match one check (its case,
+    dtype, invariant and form): whether it is skipped, expected to fail, and
+    the one place a tolerance is put together."""
+
+    entries: tuple[Expectation, ...] = ()
+
+    @property
+    def skip(self) -> Expectation | None:
+        return next((e for e in self.entries if e.status == "skip"), None)
+
+    @property
+    def xfail(self) -> Expectation | None:
+        return next((e for e in self.entries if e.status == "xfail"), None)
+
+    def tolerance(self, spec_tolerance: Mapping[str, float], case_args: Mapping[str, Any] | None = None) -> dict:
+        """The spec's tolerance for the dtype and quantity, then the case's own
+        ``atol`` / ``rtol`` (its invariant's arguments), then the backend's
+        ``tolerance`` entries, each overriding the one before."""
+        tol = dict(spec_tolerance)
+        tol.update({k: v for k, v in (case_args or {}).items() if k in ("atol", "rtol")})
+        for entry in self.entries:
+            if entry.status == "tolerance":
+                tol.update(dict(entry.tolerance))
+        return tol
+
+
+def applicable(expectations: list[Expectation], case: str, dtype: str, invariant: str, form: str = "") -> Applicable:
+    return Applicable(tuple(e for e in expectations if e.matches(case, dtype, invariant, form)))

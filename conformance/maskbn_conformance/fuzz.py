@@ -58,8 +58,8 @@ from hypothesis.errors import Unsatisfiable
 
 from . import reference as ref
 from .adapter import Backend, LayerConfig, Unsupported
-from .expectations import find
-from .harness import LoadedBackend
+from .expectations import applicable
+from .harness import LoadedBackend, judge
 from .inputs import StepInputs
 from .invariants import INVARIANTS, CheckFailed, Context, Runs, affine_gradients, assert_close
 from .runner import (
@@ -119,22 +119,14 @@ SCALE_STDS = (1.0, 1.0e-2, 100.0)
 SCALE_SHARE = 8
 FORM_SCALE_SHARE = 2
 
-#: Training calls in the long run: 10 000 on every backend. A backend whose
-#: eager call is too slow for that within the fuzz folder's CI budget (about
-#: 3 minutes per backend on 2 slow cores) gets a lower count here, with its
-#: measurement; none needs one today (measured on the 2-core CI machine: torch
-#: 0.7 ms, JAX 1.2 ms, Keras 3 on TensorFlow 7-12 ms per call and state read,
-#: so TF's 10 000 calls take 70-120 s). MASKBN_FUZZ_LONG_RUN_STEPS overrides
-#: every backend; the number actually run is always printed.
-LONG_RUN_STEPS: dict[str, int] = {}
-LONG_RUN_DEFAULT = 10_000
 
-
-def long_run_steps(backend: str) -> int:
+def long_run_steps(backend: Backend) -> int:
+    """The long run's training calls: the backend's ``long_run_steps`` (10 000
+    unless it says otherwise; measured on the 2-core CI machine: torch 0.7 ms,
+    JAX 1.2 ms, Keras 3 on TensorFlow 7-12 ms per call and state read), or
+    MASKBN_FUZZ_LONG_RUN_STEPS for every backend. The number run is printed."""
     env = os.environ.get("MASKBN_FUZZ_LONG_RUN_STEPS")
-    if env:
-        return int(env)
-    return LONG_RUN_STEPS.get(backend, LONG_RUN_DEFAULT)
+    return int(env) if env else backend.long_run_steps
 
 
 # ------------------------------------------------------------------ examples
@@ -494,31 +486,22 @@ class _Checks:
     def __init__(self, loaded: LoadedBackend, case_id: str, dtype: str, spec: Spec, report: PropertyResult | None):
         self.loaded, self.case_id, self.dtype, self.spec, self.report = loaded, case_id, dtype, spec, report
 
-    def _entries(self, invariant: str):
-        return find(self.loaded.expectations, self.case_id, self.dtype, invariant)
+    def _expected(self, invariant: str):
+        return applicable(self.loaded.expectations, self.case_id, self.dtype, invariant)
 
     def tol(self, quantity: str, invariant: str) -> dict[str, float]:
-        tol = dict(self.spec.tolerances[self.dtype][quantity])
-        for entry in self._entries(invariant):
-            if entry.status == "tolerance":
-                tol.update(dict(entry.tolerance))
-        return tol
+        return self._expected(invariant).tolerance(self.spec.tolerances[self.dtype][quantity])
 
     def run(self, invariant: str, check: Callable[[], None]) -> None:
-        entries = self._entries(invariant)
-        skip = next((e for e in entries if e.status == "skip"), None)
-        if skip is not None:
-            if self.report is not None:
-                self.report.expected[f"skipped {invariant}: {skip.reason}"] += 1
-            return
-        xfail = next((e for e in entries if e.status == "xfail"), None)
-        try:
-            check()
-        except CheckFailed:
-            if xfail is None:
-                raise
-            if self.report is not None:
-                self.report.expected[f"xfailed {invariant}: {xfail.reason}"] += 1
+        """The check under the harness's ``judge``; a failure or crash raises what
+        the check raised (Hypothesis shrinks it), skips and xfails are counted."""
+        expected = self._expected(invariant)
+        outcome = judge(expected, check, self.loaded.name)
+        if outcome.error is not None:
+            raise outcome.error
+        entry = {"skipped": expected.skip, "xfailed": expected.xfail}.get(outcome.status)
+        if entry is not None and self.report is not None:
+            self.report.expected[f"{outcome.status} {invariant}: {entry.reason}"] += 1
 
 
 class PooledBackend:
@@ -1112,7 +1095,7 @@ def long_run(loaded: LoadedBackend, steps: int | None = None, spec: Spec | None 
     accumulated float32 rounding of the moving average, see _StepBounds), and
     the outputs must be finite."""
     spec = spec or default_spec()
-    steps = long_run_steps(loaded.name) if steps is None else steps
+    steps = long_run_steps(loaded.backend) if steps is None else steps
     result = result or PropertyResult(loaded.name, "long-run")
     dtype = "float32"
     checks = _Checks(loaded, "fuzz-long-run", dtype, spec, result)

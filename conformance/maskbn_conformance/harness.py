@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import shlex
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 from .adapter import ENTRY_POINT_GROUP, Backend, Unsupported
-from .expectations import Expectation, find, load_expectations
+from .expectations import Applicable, Expectation, applicable, load_expectations
 from .invariants import INVARIANTS, CheckFailed, Context, Runs, cross_portable
 from .spec import Case, Spec
 
-# TensorFlow loaded before torch in one process can segfault: torch goes first.
-_LOAD_ORDER = {"reference": 0, "torch": 1}
-
 
 def installed_backends() -> dict[str, object]:
-    """name -> entry point, in load order."""
+    """name -> entry point, by name. An adapter whose framework must load before or
+    after another's in one process sees to that itself, where it imports it."""
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return dict(sorted(found.items(), key=lambda item: (_LOAD_ORDER.get(item[0], 9), item[0])))
+    return dict(sorted(found.items()))
 
 
 @dataclass
@@ -98,20 +97,39 @@ class Outcome:
     #: passed | failed | error | skipped | xfailed | xpassed
     status: str
     message: str = ""
+    #: failed or error: what the check raised
+    error: BaseException | None = field(default=None, compare=False, repr=False)
+
+
+def judge(expected: Applicable, run: Callable[[], None], source: str) -> Outcome:
+    """Run one check under the backend's expectations: a skip entry skips it, an
+    xfail entry turns its failure (or crash) into ``xfailed`` and its success
+    into ``xpassed``. ``source`` names whose expectations they are. Unsupported
+    propagates: the caller knows what a check it cannot run means."""
+    skip, xfail = expected.skip, expected.xfail
+    if skip is not None:
+        return Outcome("skipped", f"{source} expectations: {skip.reason}")
+    try:
+        run()
+    except Unsupported:
+        raise
+    except CheckFailed as exc:
+        if xfail is not None:
+            return Outcome("xfailed", f"{xfail.reason} ({exc})")
+        return Outcome("failed", str(exc), exc)
+    except Exception as exc:
+        if xfail is not None:
+            return Outcome("xfailed", f"{xfail.reason} (crashed)")
+        return Outcome("error", traceback.format_exc(), exc)
+    if xfail is not None:
+        return Outcome("xpassed", f"expected to fail ({xfail.reason}) but passes: remove the entry {xfail.label()}")
+    return Outcome("passed")
 
 
 def run_check(check: Check, loaded: LoadedBackend, spec: Spec, runs: Runs) -> Outcome:
     """Run one check and apply the backend's expectations to the result."""
     default = loaded.backend.forms[0]
-    matching = find(loaded.expectations, check.case.id, check.dtype, check.invariant, check.form or default)
-    skip = next((e for e in matching if e.status == "skip"), None)
-    if skip is not None:
-        return Outcome("skipped", f"{loaded.name} expectations: {skip.reason}")
-    xfail = next((e for e in matching if e.status == "xfail"), None)
-    override = {}
-    for entry in matching:
-        if entry.status == "tolerance":
-            override.update(dict(entry.tolerance))
+    expected = applicable(loaded.expectations, check.case.id, check.dtype, check.invariant, check.form or default)
     ctx = Context(
         backend=loaded.backend,
         case=check.case,
@@ -119,24 +137,16 @@ def run_check(check: Check, loaded: LoadedBackend, spec: Spec, runs: Runs) -> Ou
         spec=spec,
         runs=runs,
         args=check.case.expect[check.invariant],
-        tolerance_override=override or None,
+        expected=expected,
         form=check.form,
     )
     try:
-        INVARIANTS[check.invariant](ctx)
+        outcome = judge(expected, lambda: INVARIANTS[check.invariant](ctx), loaded.name)
     except Unsupported as exc:
         return Outcome("skipped", f"{loaded.name} cannot run this: {exc}")
-    except CheckFailed as exc:
-        if xfail is not None:
-            return Outcome("xfailed", f"{xfail.reason} ({exc})")
-        return Outcome("failed", failure_message(check, str(exc)))
-    except Exception:
-        if xfail is not None:
-            return Outcome("xfailed", f"{xfail.reason} (crashed)")
-        return Outcome("error", failure_message(check, traceback.format_exc()))
-    if xfail is not None:
-        return Outcome("xpassed", f"expected to fail ({xfail.reason}) but passes: remove the entry {xfail.label()}")
-    return Outcome("passed")
+    if outcome.status in ("failed", "error"):
+        return Outcome(outcome.status, failure_message(check, outcome.message), outcome.error)
+    return outcome
 
 
 def failure_message(check: Check, detail: str) -> str:

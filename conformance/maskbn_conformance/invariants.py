@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from . import reference as ref
-from .adapter import Backend, Unsupported
-from .runner import AS_WRITTEN, RefStep, Trace, Variant, run_backend, run_reference, run_sharded
+from .adapter import Backend
+from .expectations import Applicable
+from .runner import AS_WRITTEN, RefStep, Trace, Variant, expand_steps, run_backend, run_reference, run_sharded
 from .spec import Case, Spec
 
 GARBAGE_FILLS = ("nan", "inf", "-inf", "huge", "random-bits")
@@ -87,8 +88,8 @@ class Context:
     spec: Spec
     runs: Runs
     args: dict[str, Any] = field(default_factory=dict)
-    #: tolerance override from the backend's expectations file
-    tolerance_override: dict[str, float] | None = None
+    #: the backend's expectations entries for this check (tolerance overrides)
+    expected: Applicable = field(default_factory=Applicable)
     #: the backend form every run of this check uses (None: the default)
     form: str | None = None
 
@@ -118,11 +119,7 @@ class Context:
         return self.runs.reference(trace)
 
     def tol(self, quantity: str) -> dict[str, float]:
-        tol = dict(self.spec.tolerances[self.dtype][quantity])
-        tol.update({k: v for k, v in self.args.items() if k in ("atol", "rtol")})
-        if self.tolerance_override:
-            tol.update(self.tolerance_override)
-        return tol
+        return self.expected.tolerance(self.spec.tolerances[self.dtype][quantity], self.args)
 
 
 INVARIANTS: dict[str, Callable[[Context], None]] = {}
@@ -599,10 +596,10 @@ def _trained_layer(ctx: Context, layer):
     config = layer_config_of(ctx)
     layer.set_state(_state_for_layer(initial_state(ctx.case, config.channels), config))
     last = None
-    for index, step in enumerate(expand_raw_steps(ctx.case)):
-        if step[1]["call"] != "train":
+    for index, step in enumerate(expand_steps(ctx.case)):
+        if step["call"] != "train":
             continue
-        last = step_inputs(ctx.case, step[1], index, ctx.dtype, ctx.variant())
+        last = step_inputs(ctx.case, step, index, ctx.dtype, ctx.variant())
         layer.forward(last.x, last.x_dtype, last.mask, training=True)
     if last is None:
         raise CheckFailed("the case has no train step to build state with")
@@ -613,13 +610,6 @@ def layer_config_of(ctx: Context, variant: Variant = AS_WRITTEN):
     from .runner import layer_config
 
     return layer_config(ctx.case, ctx.dtype, ctx.variant(variant))
-
-
-def _optional(backend, method: str):
-    found = getattr(backend, method, None)
-    if found is None:
-        raise Unsupported(f"backend {getattr(backend, 'name', backend)} has no {method}")
-    return found
 
 
 def _assert_same_layer(ctx: Context, a, b, inputs, label: str, exact: bool) -> None:
@@ -646,10 +636,9 @@ def _assert_same_layer(ctx: Context, a, b, inputs, label: str, exact: bool) -> N
 def portable_round_trip(ctx: Context) -> None:
     """Exported to the neutral portable format and imported back, a trained layer keeps every state bit and output."""
     layer, inputs = _trained_layer(ctx, ctx.backend.layer(layer_config_of(ctx)))
-    export = _optional(layer, "export_portable")
     with tempfile.TemporaryDirectory(prefix="maskbn-portable-") as tmp:
-        export(Path(tmp))
-        loaded = _optional(ctx.backend, "import_portable")(Path(tmp))
+        layer.export_portable(Path(tmp))
+        loaded = ctx.backend.import_portable(Path(tmp))
     _assert_same_layer(ctx, layer, loaded, inputs, "portable export then import", exact=True)
 
 
@@ -660,20 +649,17 @@ def loads_stock_checkpoint(ctx: Context) -> None:
     stock, inputs = _trained_layer(ctx, ctx.backend.stock_layer(config))
     if inputs.mask is not None:
         raise CheckFailed("loads_stock_checkpoint needs a case without a mask (the stock layer takes none)")
-    convert = _optional(ctx.backend, "from_stock_checkpoint")
     with tempfile.TemporaryDirectory(prefix="maskbn-stock-") as tmp:
-        masked = convert(stock, Path(tmp))
+        masked = ctx.backend.from_stock_checkpoint(stock, Path(tmp))
     _assert_same_layer(ctx, stock, masked, inputs, "stock checkpoint into the masked layer", exact=False)
 
 
-def cross_portable(ctx: Context, target) -> None:
+def cross_portable(ctx: Context, target: Backend) -> None:
     """A layer trained in ctx.backend, exported, imported by ``target``: same state bits, same eval outputs."""
     layer, inputs = _trained_layer(ctx, ctx.backend.layer(layer_config_of(ctx)))
-    export = _optional(layer, "export_portable")
-    load = _optional(target, "import_portable")
     with tempfile.TemporaryDirectory(prefix="maskbn-portable-") as tmp:
-        export(Path(tmp))
-        loaded = load(Path(tmp))
+        layer.export_portable(Path(tmp))
+        loaded = target.import_portable(Path(tmp))
     _assert_same_layer(ctx, layer, loaded, inputs, f"{ctx.backend.name} -> {target.name}", exact=False)
 
 
@@ -681,7 +667,7 @@ def cross_portable(ctx: Context, target) -> None:
 def raises_clear_error(ctx: Context) -> None:
     """Bad input raises the declared error type with a message naming what was wrong."""
     trace = ctx.trace(allow_errors=True)
-    expected_steps = [r for r in expand_raw_steps(ctx.case) if r[1].get("raises")]
+    expected_steps = [(i, step) for i, step in enumerate(expand_steps(ctx.case)) if step.get("raises")]
     if not expected_steps:
         raise CheckFailed("the case declares no step that raises")
     for index, step in expected_steps:
@@ -701,14 +687,6 @@ def raises_clear_error(ctx: Context) -> None:
         missing = [m for m in want.get("mentions", []) if str(m).lower() not in message]
         if missing:
             raise CheckFailed(f"step {index}: the {want['type']} message does not mention {missing}: {error}")
-
-
-def expand_raw_steps(case: Case) -> list[tuple[int, dict]]:
-    out: list[tuple[int, dict]] = []
-    for step in case.steps:
-        for _ in range(step.get("repeat", 1)):
-            out.append((len(out), step))
-    return out
 
 
 def _scale_bounds(ctx: Context, trace: Trace):

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from . import reference as ref
-from .adapter import Gradients, LayerConfig, Output, ShardedGradients
+from .adapter import Backend, Gradients, Layer, LayerConfig, Output, ShardedGradients, ShardedLayer
 from .dtypes import round_to
 
 _FLOATS = {"float16", "bfloat16", "float32", "float64"}
 
 
-class ReferenceLayer:
+class ReferenceLayer(Layer):
     def __init__(self, config: LayerConfig):
         self.config = config
         self._store = np.float64 if config.dtype == "float64" else np.float32
@@ -129,7 +129,7 @@ def merge_moments(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tup
     return n, mean, m2
 
 
-class ReferenceShardedLayer:
+class ReferenceShardedLayer(ShardedLayer):
     """k replicas sharing statistics through an explicit (n, mean, M2) merge.
 
     Each shard computes only its own moments; the merged moments replace the
@@ -208,9 +208,6 @@ class ReferenceShardedLayer:
     def set_state(self, state):
         self.replica.set_state(state)
 
-    def close(self):
-        pass
-
 
 PORTABLE_FORMAT = "maskbn-portable"
 
@@ -230,7 +227,7 @@ def read_portable(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
         return config, dict(saved)
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     """The float64 oracle, run through the adapter protocol."""
 
     name = "reference"
@@ -263,6 +260,3 @@ class ReferenceBackend:
 
     def sharded_layer(self, config: LayerConfig, num_shards: int) -> ReferenceShardedLayer:
         return ReferenceShardedLayer(config, num_shards)
-
-    def expectations_path(self) -> Path | None:
-        return None

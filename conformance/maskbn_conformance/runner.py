@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import reference as ref
-from .adapter import Backend, Gradients, LayerConfig, Output, ShardedLayer, Unsupported
+from .adapter import Backend, Gradients, Layer, LayerConfig, Output, ShardedLayer, Unsupported
 from .inputs import StepInputs, build_step_inputs, normalize_axis, state_value
 from .spec import Case
 
@@ -160,6 +161,26 @@ def _state_for_layer(state: dict[str, np.ndarray], config: LayerConfig) -> dict[
     return {k: v.astype(store) for k, v in kept.items()}
 
 
+def _record_steps(trace: Trace, layer: Any, call: Callable[[Any, StepRecord], Any]) -> None:
+    """The step loop of every run: per expanded step, its inputs, the state before
+    and after, and what ``call(layer, record)`` returned or raised. ``call`` fills
+    the record and returns the layer the next step uses (a round trip replaces
+    it). Unsupported propagates: the check becomes a skip."""
+    case, dtype, variant = trace.case, trace.dtype, trace.variant
+    for index, step in enumerate(expand_steps(case)):
+        inputs = step_inputs(case, step, index, dtype, variant)
+        before = layer.get_state()
+        record = StepRecord(index, step["call"], inputs, before, before, expects_error=step.get("raises"))
+        try:
+            layer = call(layer, record)
+        except Unsupported:
+            raise
+        except Exception as exc:
+            record.error = exc
+        record.state_after = layer.get_state()
+        trace.steps.append(record)
+
+
 def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_WRITTEN) -> Trace:
     config = layer_config(case, dtype, variant)
     trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=variant, config=config)
@@ -172,41 +193,22 @@ def run_backend(backend: Backend, case: Case, dtype: str, variant: Variant = AS_
         trace.build_error = exc
         return trace
     with tempfile.TemporaryDirectory(prefix="maskbn-") as tmp:
-        for index, step in enumerate(expand_steps(case)):
-            inputs = step_inputs(case, step, index, dtype, variant)
-            before = layer.get_state()
-            record = StepRecord(
-                index=index,
-                call=step["call"],
-                inputs=inputs,
-                state_before=before,
-                state_after=before,
-                expects_error=step.get("raises"),
-            )
-            try:
-                if step["call"] == "train":
-                    record.output = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=True)
-                elif step["call"] == "eval":
-                    record.output = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
-                elif step["call"] == "backward":
-                    record.output, record.grads = layer.forward_backward(
-                        inputs.x, inputs.x_dtype, inputs.mask, inputs.dy
-                    )
-                elif step["call"] == "hvp":
-                    hvp = getattr(layer, "hvp", None)
-                    if hvp is None:
-                        raise Unsupported(f"backend {backend.name} has no second derivatives (Layer.hvp)")
-                    record.hvp = hvp(inputs.x, inputs.x_dtype, inputs.mask, inputs.dy, inputs.v)
-                elif step["call"] == "round_trip":
-                    record.eval_before = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
-                    layer = layer.round_trip(Path(tmp) / f"step{index}")
-                    record.eval_after = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
-            except Unsupported:
-                raise
-            except Exception as exc:
-                record.error = exc
-            record.state_after = layer.get_state()
-            trace.steps.append(record)
+
+        def call(layer: Layer, record: StepRecord) -> Layer:
+            inputs = record.inputs
+            if record.call in ("train", "eval"):
+                record.output = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=record.call == "train")
+            elif record.call == "backward":
+                record.output, record.grads = layer.forward_backward(inputs.x, inputs.x_dtype, inputs.mask, inputs.dy)
+            elif record.call == "hvp":
+                record.hvp = layer.hvp(inputs.x, inputs.x_dtype, inputs.mask, inputs.dy, inputs.v)
+            elif record.call == "round_trip":
+                record.eval_before = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
+                layer = layer.round_trip(Path(tmp) / f"step{record.index}")
+                record.eval_after = layer.forward(inputs.x, inputs.x_dtype, inputs.mask, training=False)
+            return layer
+
+        _record_steps(trace, layer, call)
     return trace
 
 
@@ -225,33 +227,25 @@ def run_sharded(backend: Backend, case: Case, dtype: str, variant: Variant) -> T
     items per shard) and run on the backend's synchronized layer."""
     config = layer_config(case, dtype, variant)
     sizes = list(case.raw["shards"])
-    make = getattr(backend, "sharded_layer", None)
-    if make is None:
-        raise Unsupported(f"backend {backend.name} has no synchronized (sharded) layer")
     trace = Trace(backend=backend.name, case=case, dtype=dtype, variant=variant, config=config)
-    layer: ShardedLayer = make(config, len(sizes))
+    layer: ShardedLayer = backend.sharded_layer(config, len(sizes))
+
+    def call(layer: ShardedLayer, record: StepRecord) -> ShardedLayer:
+        inputs = record.inputs
+        xs, masks = _split(inputs.x, sizes), _split(inputs.mask, sizes)
+        if record.call in ("train", "eval"):
+            record.output = _concat(layer.forward(xs, inputs.x_dtype, masks, record.call == "train"))
+        elif record.call == "backward":
+            outs, grads = layer.forward_backward(xs, inputs.x_dtype, masks, _split(inputs.dy, sizes))
+            record.output = _concat(outs)
+            record.grads = Gradients(_concat(grads.xs), grads.gamma, grads.beta)
+        else:
+            raise ValueError(f"step {record.call!r} cannot run sharded")
+        return layer
+
     try:
         layer.set_state(_state_for_layer(initial_state(case, config.channels), config))
-        for index, step in enumerate(expand_steps(case)):
-            inputs = step_inputs(case, step, index, dtype, AS_WRITTEN)
-            xs, masks = _split(inputs.x, sizes), _split(inputs.mask, sizes)
-            before = layer.get_state()
-            record = StepRecord(index, step["call"], inputs, before, before, expects_error=step.get("raises"))
-            try:
-                if step["call"] in ("train", "eval"):
-                    record.output = _concat(layer.forward(xs, inputs.x_dtype, masks, step["call"] == "train"))
-                elif step["call"] == "backward":
-                    outs, grads = layer.forward_backward(xs, inputs.x_dtype, masks, _split(inputs.dy, sizes))
-                    record.output = _concat(outs)
-                    record.grads = Gradients(_concat(grads.xs), grads.gamma, grads.beta)
-                else:
-                    raise ValueError(f"step {step['call']!r} cannot run sharded")
-            except Unsupported:
-                raise
-            except Exception as exc:
-                record.error = exc
-            record.state_after = layer.get_state()
-            trace.steps.append(record)
+        _record_steps(trace, layer, call)
     finally:
         layer.close()
     return trace

@@ -23,7 +23,16 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from maskbn_conformance.adapter import Gradients, LayerConfig, Output, ShardedGradients, Unsupported
+from maskbn_conformance.adapter import (
+    Backend,
+    Gradients,
+    Layer,
+    LayerConfig,
+    Output,
+    ShardedGradients,
+    ShardedLayer,
+    Unsupported,
+)
 
 from . import serialization
 from ._core import _validate, init, masked_batch_norm
@@ -61,7 +70,7 @@ def _flax_available() -> bool:
     return True
 
 
-class _Base(abc.ABC):
+class _Base(Layer, abc.ABC):
     """State handling and I/O shared by the masked and the stock layer."""
 
     def __init__(self, config: LayerConfig):
@@ -249,7 +258,7 @@ def request_shard_devices() -> bool:
     return len(jax.devices("cpu")) >= SHARD_DEVICES
 
 
-class JaxShardedLayer:
+class JaxShardedLayer(ShardedLayer):
     """One masked layer replicated over ``num_shards`` CPU devices with ``jax.shard_map``;
     the statistics merge through ``masked_batch_norm(..., axis_name="shards")`` (psum).
 
@@ -345,7 +354,7 @@ class JaxShardedLayer:
         self.one = None
 
 
-class JaxBackend:
+class JaxBackend(Backend):
     """Entry point ``maskbn.backends: jax``."""
 
     name = "jax"

@@ -6,12 +6,23 @@ this module is, so listing the installed backends stays cheap.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from maskbn_conformance.adapter import Gradients, LayerConfig, Output, ShardedGradients, Unsupported
+from maskbn_conformance.adapter import (
+    Backend,
+    Gradients,
+    Layer,
+    LayerConfig,
+    Output,
+    ShardedGradients,
+    ShardedLayer,
+    Unsupported,
+)
 
 # neutral state names -> Keras weight names
 _WEIGHT_NAMES = {"gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean", "moving_var": "moving_variance"}
@@ -51,6 +62,10 @@ def _keras():
     # TensorFlow unless KERAS_BACKEND says otherwise: the layer runs on Keras' jax and torch
     # backends too (tox keras-jax / keras-torch), in the eager form only
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+        # TensorFlow loaded before torch in one process can segfault: where both are
+        # installed (the report env runs every backend in one process), torch goes first
+        import torch  # noqa: F401
     import keras
 
     return keras
@@ -74,7 +89,7 @@ def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
 FORMS = ("eager", "function", "xla")
 
 
-class TFLayer:
+class TFLayer(Layer):
     """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol.
 
     In the ``function`` and ``xla`` forms each call (forward, or forward and
@@ -226,7 +241,7 @@ def _config_of(layer, rank: int, dtype: str) -> LayerConfig:
     )
 
 
-class TFShardedLayer:
+class TFShardedLayer(ShardedLayer):
     """One synchronized layer replicated over a MirroredStrategy of logical CPU devices."""
 
     def __init__(self, backend: TFBackend, config: LayerConfig, num_shards: int):
@@ -280,11 +295,14 @@ class TFShardedLayer:
         if masks[0] is not None:
             values.append([one._mask(m) for m in masks])
         ys, dxs, *weight_grads = self._run(step, *values)
-        # the global loss' weight gradient is the sum of the replicas' shares
-        summed = iter(np.sum([g.numpy() for g in grads], axis=0) for grads in weight_grads)
-        dgamma = next(summed) if one.config.scale else None
-        dbeta = next(summed) if one.config.center else None
-        return [one._output(y) for y in ys], ShardedGradients([one._output(dx) for dx in dxs], dgamma, dbeta)
+        per_weight = iter(weight_grads)
+        dgammas = next(per_weight) if one.config.scale else [None] * len(dxs)
+        dbetas = next(per_weight) if one.config.center else [None] * len(dxs)
+        replicas = [
+            Gradients(one._output(dx), None if g is None else g.numpy(), None if b is None else b.numpy())
+            for dx, g, b in zip(dxs, dgammas, dbetas, strict=True)
+        ]
+        return [one._output(y) for y in ys], ShardedGradients.of_replicas(replicas)
 
     def get_state(self):
         return self._one.get_state()
@@ -297,7 +315,7 @@ class TFShardedLayer:
         self._one = None
 
 
-class TFBackend:
+class TFBackend(Backend):
     """maskbn_tf.MaskedBatchNormalization (Keras 3 on TensorFlow) for the conformance harness."""
 
     name = "tf"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskbn_conformance.adapter import Gradients, LayerConfig, Output, Unsupported
+from maskbn_conformance.adapter import Backend, Gradients, Layer, LayerConfig, Output, Unsupported
 
 from .conformance_sharded import TorchShardedLayer
 from .modules import MaskedBatchNorm
@@ -97,7 +97,7 @@ def _compiled(module: nn.Module) -> nn.Module:
     return torch.compile(module, dynamic=False)
 
 
-class TorchLayer:
+class TorchLayer(Layer):
     """One module (masked or stock) driven through the adapter protocol."""
 
     def __init__(self, module: nn.Module, params: nn.Module, form: str | None = None) -> None:
@@ -201,7 +201,12 @@ def torch_layer(module: MaskedBatchNorm, form: str | None = None) -> TorchLayer:
     return TorchLayer(module, module, form)
 
 
-class TorchBackend:
+def synchronized_replica(config: LayerConfig, process_group: Any) -> TorchLayer:
+    """One replica of the sharded layer, built in its worker process."""
+    return torch_layer(masked_module(config, process_group=process_group))
+
+
+class TorchBackend(Backend):
     """maskbn_torch for the conformance harness."""
 
     name = "torch"
@@ -214,7 +219,7 @@ class TorchBackend:
     def sharded_layer(self, config: LayerConfig, num_shards: int) -> TorchShardedLayer:
         # fail here, not in k worker processes, for what torch cannot build at all
         masked_module(config)
-        return TorchShardedLayer(config, num_shards)
+        return TorchShardedLayer(synchronized_replica, config, num_shards)
 
     def stock_layer(self, config: LayerConfig) -> TorchLayer:
         module = _StockBatchNorm(config)

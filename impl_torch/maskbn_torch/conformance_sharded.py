@@ -1,6 +1,7 @@
 """The harness's synchronized layer for torch: k gloo processes, one MaskedBatchNorm replica each.
 
-Each replica holds ``MaskedBatchNorm(process_group=WORLD)`` in its own process and sees
+Each replica holds a layer built by the adapter's replica builder (a
+``MaskedBatchNorm(process_group=WORLD)``) in its own process and sees
 only its shard; the statistics travel through torch.distributed's all_reduce, exactly as
 in a real multi-process job. Spawning k processes that import torch costs seconds, so the
 worker pools (one per k) live for the whole harness run and each layer only rebuilds its
@@ -14,12 +15,17 @@ import datetime
 import multiprocessing
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maskbn_conformance.adapter import LayerConfig, Output, ShardedGradients
+from maskbn_conformance.adapter import Layer, LayerConfig, Output, ShardedGradients, ShardedLayer
+
+#: builds one replica's Layer from (config, process group); a module-level function,
+#: so it pickles by name into the worker processes
+ReplicaBuilder = Callable[[LayerConfig, Any], Layer]
 
 #: seconds a collective may wait for a replica; the parent waits a little longer
 _COLLECTIVE_TIMEOUT_S = 60
@@ -27,11 +33,9 @@ _REPLY_TIMEOUT_S = _COLLECTIVE_TIMEOUT_S + 30
 
 
 def _worker(rank: int, world: int, init_file: str, conn: Any) -> None:
-    """One replica's command loop: build/drop a layer, call TorchLayer methods on it."""
+    """One replica's command loop: build/drop a layer, call its Layer methods."""
     import torch
     import torch.distributed as dist
-
-    from .conformance_adapter import masked_module, torch_layer
 
     torch.set_num_threads(1)  # k replicas share the machine's cores
     dist.init_process_group(
@@ -49,7 +53,8 @@ def _worker(rank: int, world: int, init_file: str, conn: Any) -> None:
                 break
             try:
                 if command == "build":
-                    layer = torch_layer(masked_module(args[0], process_group=dist.group.WORLD))
+                    build, config = args
+                    layer = build(config, dist.group.WORLD)
                     result = None
                 elif command == "drop":
                     layer, result = None, None
@@ -119,13 +124,13 @@ def _close_pools() -> None:
         _POOLS.popitem()[1].close()
 
 
-class TorchShardedLayer:
+class TorchShardedLayer(ShardedLayer):
     """The adapter protocol's ShardedLayer over a pool of replica processes."""
 
-    def __init__(self, config: LayerConfig, num_shards: int) -> None:
+    def __init__(self, build: ReplicaBuilder, config: LayerConfig, num_shards: int) -> None:
         self._pool = _pool(num_shards)
         self._k = num_shards
-        self._pool.call("build", [(config,)] * num_shards)
+        self._pool.call("build", [(build, config)] * num_shards)
 
     def forward(
         self, xs: list[np.ndarray], x_dtype: str, masks: list[np.ndarray | None], training: bool
@@ -136,13 +141,7 @@ class TorchShardedLayer:
         self, xs: list[np.ndarray], x_dtype: str, masks: list[np.ndarray | None], dys: list[np.ndarray]
     ) -> tuple[list[Output], ShardedGradients]:
         replies = self._pool.call("forward_backward", [(x, x_dtype, m, dy) for x, m, dy in zip(xs, masks, dys)])
-        outputs = [out for out, _ in replies]
-        grads = [g for _, g in replies]
-        # each replica holds its own shard's weight gradient; the global loss's is their sum
-        # (what DDP's all-reduce of parameter gradients adds up)
-        gamma = None if grads[0].gamma is None else np.sum([g.gamma for g in grads], axis=0)
-        beta = None if grads[0].beta is None else np.sum([g.beta for g in grads], axis=0)
-        return outputs, ShardedGradients(xs=[g.x for g in grads], gamma=gamma, beta=beta)
+        return [out for out, _ in replies], ShardedGradients.of_replicas([g for _, g in replies])
 
     def get_state(self) -> dict[str, np.ndarray]:
         # replicated: every replica applies the same all-reduced statistics
