@@ -57,11 +57,11 @@ def test_long_run(maskbn_backend, fuzz_results):
 
 
 def test_known_bugs(maskbn_backend, fuzz_settings, fuzz_results):
-    """Strict xfail: every backend bug in fuzz.KNOWN_BUGS must still falsify its property
+    """Strict xfail: every known bug in the backend's expectations (``input: <kind>``) must still falsify its property
     (a fix makes this test fail, asking to remove the entry); a visible skip when there is none."""
     results = fuzz.check_known_bugs(maskbn_backend, fuzz_settings)
     fuzz_results.extend(results)
     if not results:
-        pytest.skip(f"fuzz.KNOWN_BUGS lists no bug for {maskbn_backend.name}")
+        pytest.skip(f"the expectations of {maskbn_backend.name} list no known fuzz bug (input: <kind>)")
     else:
         pytest.xfail("; ".join(f"{r.prop}: {r.xfail_reason}" for r in results))

@@ -23,10 +23,15 @@ class Expectation:
     #: the backend form (e.g. compile, xla); "*" matches every form, the default's name only it
     form: str = "*"
     tolerance: tuple[tuple[str, float], ...] = ()
+    #: a fuzz input kind (e.g. ``int64-x``) with ``case: fuzz-<property>``: a known
+    #: bug of that kind of input. The property runs without it and the kind alone
+    #: must still falsify it (a strict xfail); such an entry matches no single check
+    input: str | None = None
 
     def matches(self, case: str, dtype: str, invariant: str, form: str = "") -> bool:
         return (
-            fnmatchcase(case, self.case)
+            self.input is None
+            and fnmatchcase(case, self.case)
             and fnmatchcase(dtype, self.dtype)
             and fnmatchcase(invariant, self.invariant)
             and fnmatchcase(form, self.form)
@@ -34,7 +39,8 @@ class Expectation:
 
     def label(self) -> str:
         form = "" if self.form == "*" else f", form: {self.form}"
-        return f"{{case: {self.case}, dtype: {self.dtype}, invariant: {self.invariant}{form}, status: {self.status}}}"
+        kind = "" if self.input is None else f", input: {self.input}"
+        return f"{{case: {self.case}, dtype: {self.dtype}, invariant: {self.invariant}{form}{kind}, status: {self.status}}}"
 
 
 def load_expectations(path: Path | None) -> list[Expectation]:
@@ -45,7 +51,7 @@ def load_expectations(path: Path | None) -> list[Expectation]:
         raise ValueError(f"{path}: expected a YAML list of entries")
     out = []
     for i, entry in enumerate(data):
-        unknown = set(entry) - {"case", "dtype", "invariant", "form", "status", "reason", "tolerance"}
+        unknown = set(entry) - {"case", "dtype", "invariant", "form", "status", "reason", "tolerance", "input"}
         if unknown:
             raise ValueError(f"{path}: entry {i}: unknown keys {sorted(unknown)}")
         if entry.get("status") not in STATUSES:
@@ -54,6 +60,10 @@ def load_expectations(path: Path | None) -> list[Expectation]:
             raise ValueError(f"{path}: entry {i}: every expectation needs a reason")
         if (entry["status"] == "tolerance") != ("tolerance" in entry):
             raise ValueError(f"{path}: entry {i}: 'tolerance' goes with status tolerance, and only there")
+        if "input" in entry and (entry["status"] != "xfail" or not str(entry.get("case", "")).startswith("fuzz-")):
+            raise ValueError(
+                f"{path}: entry {i}: 'input' (a fuzz input kind) goes with status xfail and a case fuzz-<property>"
+            )
         out.append(
             Expectation(
                 status=entry["status"],
@@ -63,6 +73,7 @@ def load_expectations(path: Path | None) -> list[Expectation]:
                 invariant=str(entry.get("invariant", "*")),
                 form=str(entry.get("form", "*")),
                 tolerance=tuple(sorted((entry.get("tolerance") or {}).items())),
+                input=None if entry.get("input") is None else str(entry["input"]),
             )
         )
     return out

@@ -885,7 +885,7 @@ class PropertyResult:
     failure: str | None = None
     #: long run: training calls made
     steps: int = 0
-    #: kinds of input left out because of KNOWN_BUGS
+    #: kinds of input left out as the backend's known bugs
     excluded: tuple[str, ...] = ()
     #: known-bug runs: the reason their failure is expected
     xfail_reason: str | None = None
@@ -910,20 +910,25 @@ class PropertyResult:
         return text + (", FALSIFIED" if self.failure else ", no failure")
 
 
-#: Backend bugs a property found, reported to the lead and pending a fix in the
-#: backend: (backend, property, kind of input) -> reason. The property runs
-#: without that kind of input on that backend (the summary says so), and the
-#: kind alone must still falsify it: a strict xfail (``check_known_bugs``), so
-#: a fix shows up as a failure asking to remove the entry.
-KNOWN_BUGS: dict[tuple[str, str, str], str] = {
-    # (backend, property, input kind): reason. Empty since maskbn_jax checks the
-    # dtype of the array it is given before JAX narrows int64 x / float64 masks.
-}
+def known_bugs(loaded: LoadedBackend, prop: str) -> dict[str, str]:
+    """kind -> reason: the backend's known bugs of one property, from its
+    expectations file (``{case: fuzz-<property>, input: <kind>, status: xfail,
+    reason: ...}``). The property runs without those kinds on that backend (the
+    summary says so), and each kind alone must still falsify it: a strict xfail
+    (``check_known_bugs``), so a fix shows up as a failure asking to remove the entry."""
+    return {e.input: e.reason for e in loaded.expectations if e.input is not None and e.case == f"fuzz-{prop}"}
 
 
-def known_bugs(backend: str, prop: str) -> dict[str, str]:
-    """kind -> reason, for one backend and property."""
-    return {kind: reason for (b, p, kind), reason in KNOWN_BUGS.items() if b == backend and p == prop}
+def _check_known_bug_entries(loaded: LoadedBackend) -> None:
+    for e in loaded.expectations:
+        if e.input is None:
+            continue
+        prop = e.case.removeprefix("fuzz-")
+        if prop != "bad-input" or e.input not in BAD_INPUT_KINDS:
+            raise ValueError(
+                f"{loaded.name} expectations: {e.label()}: known bugs name the bad-input property and one of "
+                f"its input kinds {BAD_INPUT_KINDS} (case fuzz-bad-input)"
+            )
 
 
 CHECKS: dict[str, tuple[Callable[..., st.SearchStrategy[Example]], Callable[..., None]]] = {
@@ -1000,7 +1005,7 @@ def run_property(
     message carrying the failure, the example and a repro; ``result`` (pass one
     to read it after a raise) counts the inputs tried. Raises Unsupported if the
     backend could run none. ``kinds`` (bad-input only) chooses the kinds of
-    input; by default every kind but the backend's KNOWN_BUGS. ``form`` runs
+    input; by default every kind but the backend's known bugs. ``form`` runs
     every layer in that form of the backend (torch compile, Keras xla, ...);
     ``scale_share`` (differential only) makes one example in that many an
     at-scale one.
@@ -1015,7 +1020,7 @@ def run_property(
     strategy_args = {}
     if prop == "bad-input":
         if kinds is None:
-            excluded = known_bugs(loaded.name, prop)
+            excluded = known_bugs(loaded, prop)
             kinds = tuple(k for k in BAD_INPUT_KINDS if k not in excluded)
             result.excluded = tuple(excluded)
         strategy_args["kinds"] = kinds
@@ -1054,27 +1059,33 @@ def run_property(
 def check_known_bugs(
     loaded: LoadedBackend, hypothesis_settings: settings | None = None, spec: Spec | None = None
 ) -> list[PropertyResult]:
-    """Each of the backend's KNOWN_BUGS run alone: every one must still be
-    falsified. Returns their results (``failure`` set, ``xfail_reason`` the
-    entry's reason); raises CheckFailed for an entry that no longer fails."""
+    """Each of the backend's known bugs (``known_bugs``) run alone: every one must
+    still be falsified. Returns their results (``failure`` set, ``xfail_reason``
+    the entry's reason); raises CheckFailed for an entry that no longer fails."""
+    _check_known_bug_entries(loaded)
     # the first falsifying input is proof enough: no shrinking (minutes on JAX)
     quick = settings(hypothesis_settings or settings(), phases=(Phase.explicit, Phase.generate))
     results = []
-    for (backend, prop, kind), reason in KNOWN_BUGS.items():
-        if backend != loaded.name:
-            continue
-        result = PropertyResult(loaded.name, f"{prop} [{kind}] (known bug)")
-        result.xfail_reason = reason
-        results.append(result)
-        try:
-            run_property(prop, loaded, quick, spec, result, kinds=(kind,))
-        except CheckFailed:
-            continue
-        raise CheckFailed(
-            f"known bug ({loaded.name}, {prop}, {kind}) no longer reproduces in {result.tried} inputs: "
-            f"remove it from maskbn_conformance.fuzz.KNOWN_BUGS (reason was: {reason})"
-        )
+    for prop in CHECKS:
+        for kind, reason in known_bugs(loaded, prop).items():
+            results.append(_run_known_bug(loaded, prop, kind, reason, quick, spec))
     return results
+
+
+def _run_known_bug(
+    loaded: LoadedBackend, prop: str, kind: str, reason: str, quick: settings, spec: Spec | None
+) -> PropertyResult:
+    result = PropertyResult(loaded.name, f"{prop} [{kind}] (known bug)")
+    result.xfail_reason = reason
+    try:
+        run_property(prop, loaded, quick, spec, result, kinds=(kind,))
+    except CheckFailed:
+        return result
+    raise CheckFailed(
+        f"known bug ({loaded.name}, {prop}, {kind}) no longer reproduces in {result.tried} inputs: remove the "
+        f"entry {{case: fuzz-{prop}, input: {kind}}} from {loaded.name}'s conformance_expectations.yaml "
+        f"(reason was: {reason})"
+    )
 
 
 # ------------------------------------------------------------------ long run

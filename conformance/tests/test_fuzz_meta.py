@@ -15,6 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import yaml
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz extra (pip install 'maskbn-conformance[fuzz]')")
 
@@ -38,7 +39,8 @@ from hypothesis import Phase, given, settings  # noqa: E402
 
 from maskbn_conformance import fuzz  # noqa: E402
 from maskbn_conformance import reference as ref  # noqa: E402
-from maskbn_conformance.harness import LoadedBackend  # noqa: E402
+from maskbn_conformance.expectations import applicable, load_expectations  # noqa: E402
+from maskbn_conformance.harness import LoadedBackend, unused_expectations  # noqa: E402
 from maskbn_conformance.invariants import CheckFailed  # noqa: E402
 from maskbn_conformance.reference_adapter import ReferenceBackend, ReferenceLayer  # noqa: E402
 
@@ -193,9 +195,52 @@ def test_bad_input_kinds_cover_the_issue():
     assert not set(accepted) & set(shapes) and (4, 8, 4) in shapes and (32,) in shapes
 
 
-def test_known_bugs_name_real_kinds():
-    for (_, prop, kind), reason in fuzz.KNOWN_BUGS.items():
-        assert prop in fuzz.CHECKS and kind in fuzz.BAD_INPUT_KINDS and reason
+class AcceptsInt64X(ReferenceLayer):
+    """Takes an int64 x as if it were float32 (a cast before the dtype check, say)."""
+
+    def _check(self, x, x_dtype, mask):
+        return super()._check(x, "float32" if x_dtype == "int64" else x_dtype, mask)
+
+
+def _with_known_bug(tmp_path, layer_class: type | None, kind: str = "int64-x") -> LoadedBackend:
+    path = tmp_path / "conformance_expectations.yaml"
+    entry = {"case": "fuzz-bad-input", "input": kind, "status": "xfail", "reason": "casts int64 x"}
+    path.write_text(yaml.safe_dump([entry]))
+    backend = ReferenceBackend() if layer_class is None else BrokenBackend(layer_class)
+    return LoadedBackend(backend.name, backend, load_expectations(path))
+
+
+def test_known_bug_is_left_out_and_still_fails(tmp_path):
+    loaded = _with_known_bug(tmp_path, AcceptsInt64X)
+    with hypothesis.reporting.with_reporter(lambda _message: None):
+        [known] = fuzz.check_known_bugs(loaded, SETTINGS)
+    assert known.failure and known.xfail_reason == "casts int64 x"
+    result = fuzz.run_property("bad-input", loaded, SETTINGS)
+    assert result.failure is None and result.excluded == ("int64-x",)
+    assert "without the known-bug kinds int64-x" in result.summary()
+
+
+def test_fixed_known_bug_fails_the_run(tmp_path):
+    with pytest.raises(CheckFailed, match=r"no longer reproduces.*remove the entry \{case: fuzz-bad-input, input"):
+        fuzz.check_known_bugs(_with_known_bug(tmp_path, None), SETTINGS)
+
+
+def test_known_bug_names_a_real_kind(tmp_path):
+    with pytest.raises(ValueError, match="one of its input kinds"):
+        fuzz.check_known_bugs(_with_known_bug(tmp_path, None, kind="no-such-kind"), SETTINGS)
+
+
+def test_known_bug_entry_matches_no_single_check(tmp_path):
+    loaded = _with_known_bug(tmp_path, AcceptsInt64X)
+    assert not applicable(loaded.expectations, "fuzz-bad-input", "float32", "raises_clear_error").entries
+    assert unused_expectations(loaded, []) == []
+
+
+def test_input_goes_with_xfail_of_a_fuzz_case(tmp_path):
+    path = tmp_path / "conformance_expectations.yaml"
+    path.write_text(yaml.safe_dump([{"case": "half-mask", "input": "int64-x", "status": "xfail", "reason": "r"}]))
+    with pytest.raises(ValueError, match="'input' \\(a fuzz input kind\\) goes with status xfail"):
+        load_expectations(path)
 
 
 def test_cli_report_prints_reliability_summary(tmp_path):
