@@ -40,6 +40,7 @@ from hypothesis import Phase, given, settings  # noqa: E402
 from maskbn_conformance import fuzz  # noqa: E402
 from maskbn_conformance import reference as ref  # noqa: E402
 from maskbn_conformance.expectations import applicable, load_expectations  # noqa: E402
+from maskbn_conformance.fuzz import strategies  # noqa: E402
 from maskbn_conformance.harness import LoadedBackend, unused_expectations  # noqa: E402
 from maskbn_conformance.invariants import CheckFailed  # noqa: E402
 from maskbn_conformance.reference_adapter import ReferenceBackend, ReferenceLayer  # noqa: E402
@@ -189,7 +190,7 @@ def test_repro_snippet_runs():
 
 def test_bad_input_kinds_cover_the_issue():
     assert set(fuzz.BAD_INPUT_KINDS) >= {"mask-shape", "float32-mask", "channels", "int32-x", "axis"}
-    shapes = dict(fuzz._wrong_mask_shapes((4, 8), (4, 8, 3), 2))
+    shapes = dict(strategies.wrong_mask_shapes((4, 8), (4, 8, 3), 2))
     # never a shape the contract accepts (positions, size-1 channel, broadcastable, x's own shape)
     accepted = [(4, 8), (4, 8, 1), (4, 8, 3), (1, 8, 3), (4, 1, 1), (1, 1, 1)]
     assert not set(accepted) & set(shapes) and (4, 8, 4) in shapes and (32,) in shapes
@@ -270,10 +271,10 @@ def test_differential_samples_at_scale_and_runs_in_a_form():
     loaded = LoadedBackend(backend.name, backend, [])
     few = settings(fuzz.ci_settings(4), report_multiple_bugs=False, phases=(Phase.explicit, Phase.generate))
     fuzz.run_property("differential", loaded, few, form="eager", scale_share=2)
-    with pytest.raises(fuzz.CheckFailed, match="fuzz property 'differential' falsified"):
+    with pytest.raises(CheckFailed, match="fuzz property 'differential' falsified"):
         fuzz.run_property("differential", loaded, few, form="compiled", scale_share=2)
-    example = fuzz._scale_example("float32").example()
+    example = strategies.scale_example("float32").example()
     lengths = example.case["inputs"]["mask"]["lengths"]
     assert example.case["expect"] == list(fuzz.SCALE_INVARIANTS) and min(lengths) >= 1
-    big = [fuzz._scale_example("float32").example() for _ in range(20)]
+    big = [strategies.scale_example("float32").example() for _ in range(20)]
     assert any(sum(e.case["inputs"]["mask"]["lengths"]) >= 100_000 for e in big)
