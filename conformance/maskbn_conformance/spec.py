@@ -44,6 +44,23 @@ class Case:
     def param(self, name: str) -> Any:
         return self.params.get(name, DEFAULT_PARAMS.get(name))
 
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], file: Path) -> Case:
+        """A Case from one case mapping as the schema has validated it: a case
+        file's entry, or a fuzz example's generated case."""
+        return cls(
+            id=raw["id"],
+            description=raw["description"],
+            file=file,
+            params=dict(raw.get("params", {})),
+            init=dict(raw.get("init", {})),
+            inputs=dict(raw["inputs"]),
+            dtypes=tuple(raw["dtypes"]),
+            steps=tuple(raw["steps"]),
+            expect=_expectations(raw["expect"]),
+            raw=raw,
+        )
+
 
 @dataclass
 class Spec:
@@ -78,23 +95,7 @@ class Spec:
         errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
         if errors:
             raise SpecError("\n".join(_describe_schema_error(path, data, e) for e in errors))
-        cases = []
-        for raw in data["cases"]:
-            cases.append(
-                Case(
-                    id=raw["id"],
-                    description=raw["description"],
-                    file=path,
-                    params=dict(raw.get("params", {})),
-                    init=dict(raw.get("init", {})),
-                    inputs=dict(raw["inputs"]),
-                    dtypes=tuple(raw["dtypes"]),
-                    steps=tuple(raw["steps"]),
-                    expect=_expectations(raw["expect"]),
-                    raw=raw,
-                )
-            )
-        return cases
+        return [Case.from_raw(raw, path) for raw in data["cases"]]
 
     @cached_property
     def cases(self) -> list[Case]:

@@ -43,7 +43,7 @@ runner, known bugs), ``longrun``. This package re-exports what the test
 wrappers, the CLI and a failure's repro snippet use.
 """
 
-from .examples import Example, default_spec, make_case
+from .examples import Example, default_spec
 from .longrun import long_run, long_run_steps
 from .properties import (
     CHECKS,
@@ -94,7 +94,6 @@ __all__ = [
     "known_bugs",
     "long_run",
     "long_run_steps",
-    "make_case",
     "pooled",
     "repro",
     "run_property",

@@ -36,7 +36,8 @@ class Example:
     fill: str | None = None
 
     def spec_case(self) -> Case:
-        return make_case(self.case)
+        """The example's case, built as the spec's files build theirs."""
+        return Case.from_raw(self.case, Path("<fuzz>"))
 
     def config(self) -> LayerConfig:
         return layer_config(self.spec_case(), self.dtype)
@@ -74,29 +75,6 @@ class Example:
 
 def _brief(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
-
-
-def make_case(raw: dict) -> Case:
-    """A Case from one in-memory case dict (as Spec.load_file builds them)."""
-    expect: dict[str, dict] = {}
-    for item in raw["expect"]:
-        if isinstance(item, str):
-            expect[item] = {}
-        else:
-            ((name, args),) = item.items()
-            expect[name] = dict(args or {})
-    return Case(
-        id=raw["id"],
-        description=raw["description"],
-        file=Path("<fuzz>"),
-        params=dict(raw.get("params", {})),
-        init=dict(raw.get("init", {})),
-        inputs=dict(raw["inputs"]),
-        dtypes=tuple(raw["dtypes"]),
-        steps=tuple(raw["steps"]),
-        expect=expect,
-        raw=raw,
-    )
 
 
 def significant(value: float, digits: int = 3) -> float:
