@@ -24,8 +24,10 @@ Names of state entries are neutral (``gamma``, ``beta``, ``moving_mean``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +146,54 @@ class Layer:
         format (spec/README.md, "Portable state") into ``directory``, through
         the backend's public API."""
         raise Unsupported(f"{type(self).__name__} cannot export the portable format (Layer.export_portable)")
+
+
+def wide_dtype(name: str) -> str:
+    """The dtype a framework tensor of dtype ``name`` travels back to NumPy in:
+    float64 stays float64; float16, bfloat16 and float32 widen (exactly) to float32."""
+    return "float64" if name == "float64" else "float32"
+
+
+class AdapterLayer(Layer):
+    """The Layer base of a framework adapter: it owns the translation of the
+    neutral state names and the widening of outputs, so an adapter supplies only
+    its framework's primitives: read and write one weight by the framework's
+    name, name a tensor's dtype, and bring a tensor to the host in a dtype."""
+
+    #: neutral state name (``STATE_KEYS``) -> the framework's name for it
+    weight_names: Mapping[str, str]
+
+    def _read_weight(self, name: str) -> np.ndarray | None:
+        """The framework's weight ``name`` as NumPy, in its storage dtype; None
+        where the layer has no such weight (center/scale off)."""
+        raise NotImplementedError
+
+    def _write_weight(self, name: str, value: np.ndarray) -> None:
+        """Overwrite the framework's weight ``name`` with ``value``."""
+        raise NotImplementedError
+
+    def _dtype_name(self, tensor: Any) -> str:
+        """The framework dtype's name (``float16``, ``bfloat16``, ...)."""
+        raise NotImplementedError
+
+    def _host(self, tensor: Any, dtype: str) -> np.ndarray:
+        """``tensor`` cast to ``dtype`` (float32 or float64), as a NumPy copy."""
+        raise NotImplementedError
+
+    def _output(self, tensor: Any) -> Output:
+        name = self._dtype_name(tensor)
+        return Output(self._host(tensor, wide_dtype(name)), name)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        state = {neutral: self._read_weight(name) for neutral, name in self.weight_names.items()}
+        return {neutral: value for neutral, value in state.items() if value is not None}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        unknown = sorted(set(state) - set(self.weight_names))
+        if unknown:
+            raise KeyError(f"no state entries {unknown}: the neutral names are {list(self.weight_names)}")
+        for neutral, value in state.items():
+            self._write_weight(self.weight_names[neutral], np.asarray(value))
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from maskbn_conformance.adapter import (
+    AdapterLayer,
     Backend,
     Gradients,
-    Layer,
     LayerConfig,
     Output,
     ShardedGradients,
@@ -70,8 +70,10 @@ def _flax_available() -> bool:
     return True
 
 
-class _Base(Layer, abc.ABC):
+class _Base(AdapterLayer, abc.ABC):
     """State handling and I/O shared by the masked and the stock layer."""
+
+    weight_names = _TO_FLAX
 
     def __init__(self, config: LayerConfig):
         if config.dtype not in ("float16", "bfloat16", "float32", "float64"):
@@ -96,11 +98,11 @@ class _Base(Layer, abc.ABC):
         # given, and an int64 x stays int64 even where JAX (without x64) could not hold it
         return np.asarray(a).astype(_X_DTYPES[dtype])
 
-    @staticmethod
-    def _out(a) -> Output:
-        name = jnp.dtype(a.dtype).name
-        host = np.asarray(a.astype(jnp.float64 if name == "float64" else jnp.float32))
-        return Output(value=host, dtype=name)
+    def _dtype_name(self, tensor) -> str:
+        return jnp.dtype(tensor.dtype).name
+
+    def _host(self, tensor, dtype: str) -> np.ndarray:
+        return np.array(tensor.astype(dtype))
 
     @abc.abstractmethod
     def _run(self, x, mask, training, params=None):
@@ -110,7 +112,7 @@ class _Base(Layer, abc.ABC):
         with self._x64():
             y, new_state = self._run(self._array(x, x_dtype), mask, training)
             self.state = new_state
-            return self._out(y)
+            return self._output(y)
 
     def forward_backward(self, x, x_dtype, mask, dy):
         with self._x64():
@@ -120,11 +122,11 @@ class _Base(Layer, abc.ABC):
             dx, dparams = vjp(dy_j)
             self.state = new_state
             grads = Gradients(
-                x=self._out(dx),
+                x=self._output(dx),
                 gamma=np.asarray(dparams["scale"]) if "scale" in dparams else None,
                 beta=np.asarray(dparams["bias"]) if "bias" in dparams else None,
             )
-            return self._out(y), grads
+            return self._output(y), grads
 
     def hvp(self, x, x_dtype, mask, dy, v):
         with self._x64():
@@ -137,20 +139,24 @@ class _Base(Layer, abc.ABC):
             # reverse over reverse: the gradient of <grad_x, v>
             product = jax.grad(lambda x_: jnp.sum(gradient(x_) * v_j))(x_j)
             _, self.state = self._run(x_j, mask, True)
-            return self._out(product)
+            return self._output(product)
 
-    def get_state(self):
-        merged = {**self.params, **self.state}
-        return {_FROM_FLAX[k]: np.asarray(v) for k, v in merged.items()}
+    def _tree(self, name: str) -> dict:
+        return self.params if name in _PARAM_KEYS else self.state
+
+    def _read_weight(self, name: str) -> np.ndarray | None:
+        value = self._tree(name).get(name)
+        return None if value is None else np.asarray(value)
+
+    def _write_weight(self, name: str, value: np.ndarray) -> None:
+        tree = self._tree(name)
+        if name not in tree:
+            raise KeyError(f"layer has no {_FROM_FLAX[name]} (center/scale off)")
+        tree[name] = jnp.asarray(value, tree[name].dtype).reshape(tree[name].shape)
 
     def set_state(self, state):
-        with self._x64():
-            for neutral, value in state.items():
-                key = _TO_FLAX[neutral]
-                tree = self.params if key in _PARAM_KEYS else self.state
-                if key not in tree:
-                    raise KeyError(f"layer has no {neutral} (center/scale off)")
-                tree[key] = jnp.asarray(np.asarray(value), tree[key].dtype).reshape(tree[key].shape)
+        with self._x64():  # a float64 layer's state stays float64
+            super().set_state(state)
 
     def round_trip(self, directory: Path):
         """Flax's msgpack (``flax.serialization``) when Flax is installed, else the npz format."""
@@ -318,7 +324,7 @@ class JaxShardedLayer(ShardedLayer):
         return self.one._array(x, x_dtype), jnp.asarray(mask), sizes, width
 
     def _split(self, y, sizes, width) -> list[Output]:
-        return [self.one._out(y[k * width : k * width + n]) for k, n in enumerate(sizes)]
+        return [self.one._output(y[k * width : k * width + n]) for k, n in enumerate(sizes)]
 
     def forward(self, xs, x_dtype, masks, training):
         with self.one._x64():

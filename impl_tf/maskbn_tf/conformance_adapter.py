@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from maskbn_conformance.adapter import (
+    AdapterLayer,
     Backend,
     Gradients,
-    Layer,
     LayerConfig,
-    Output,
     ShardedGradients,
     ShardedLayer,
     Unsupported,
@@ -89,12 +88,14 @@ def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
 FORMS = ("eager", "function", "xla")
 
 
-class TFLayer(Layer):
+class TFLayer(AdapterLayer):
     """One Keras layer (masked, or stock BatchNormalization for parity) behind the adapter protocol.
 
     In the ``function`` and ``xla`` forms each call (forward, or forward and
     backward together, as a training step runs) is one tf.function, traced per
     input signature like a user's train step."""
+
+    weight_names = _WEIGHT_NAMES
 
     def __init__(self, layer, config: LayerConfig):
         form = config.form or FORMS[0]
@@ -137,10 +138,11 @@ class TFLayer(Layer):
             return mask
         return self._keras.ops.convert_to_tensor(mask)
 
-    def _output(self, tensor) -> Output:
-        name = self._keras.backend.standardize_dtype(tensor.dtype)
-        wide = "float64" if name == "float64" else "float32"
-        return Output(self._keras.ops.convert_to_numpy(self._keras.ops.cast(tensor, wide)), name)
+    def _dtype_name(self, tensor) -> str:
+        return self._keras.backend.standardize_dtype(tensor.dtype)
+
+    def _host(self, tensor, dtype: str) -> np.ndarray:
+        return np.array(self._keras.ops.convert_to_numpy(self._keras.ops.cast(tensor, dtype)))
 
     def _call(self, x, mask, training):
         if mask is None:
@@ -199,19 +201,14 @@ class TFLayer(Layer):
         # None: the first gradient does not depend on x at all (detached); report it as the zeros it means
         return self._output(self._tf.zeros_like(x_t) if product is None else product)
 
-    def get_state(self):
-        state = {}
-        for neutral, name in _WEIGHT_NAMES.items():
-            variable = getattr(self.layer, name)
-            if variable is not None:
-                state[neutral] = np.array(self._keras.ops.convert_to_numpy(variable))
-        return state
+    def _read_weight(self, name: str) -> np.ndarray | None:
+        variable = getattr(self.layer, name)
+        return None if variable is None else np.array(self._keras.ops.convert_to_numpy(variable))
 
-    def set_state(self, state):
-        for neutral, value in state.items():
-            variable = getattr(self.layer, _WEIGHT_NAMES[neutral])
-            if variable is not None:
-                variable.assign(np.asarray(value, dtype=variable.dtype))
+    def _write_weight(self, name: str, value: np.ndarray) -> None:
+        variable = getattr(self.layer, name)
+        if variable is not None:
+            variable.assign(np.asarray(value, dtype=variable.dtype))
 
     def round_trip(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)

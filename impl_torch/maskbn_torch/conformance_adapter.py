@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskbn_conformance.adapter import Backend, Gradients, Layer, LayerConfig, Output, Unsupported
+from maskbn_conformance.adapter import AdapterLayer, Backend, Gradients, LayerConfig, Output, Unsupported
 
 from .conformance_sharded import TorchShardedLayer
 from .modules import MaskedBatchNorm
@@ -31,19 +31,6 @@ _STATE_NAMES = {
 
 def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    return (t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)).numpy().copy()
-
-
-def _output(t: torch.Tensor) -> Output:
-    return Output(value=_to_numpy(t), dtype=_dtype_name(t.dtype))
 
 
 def _affine(config: LayerConfig, *, bias_switch: bool) -> dict[str, bool]:
@@ -97,8 +84,10 @@ def _compiled(module: nn.Module) -> nn.Module:
     return torch.compile(module, dynamic=False)
 
 
-class TorchLayer(Layer):
+class TorchLayer(AdapterLayer):
     """One module (masked or stock) driven through the adapter protocol."""
+
+    weight_names = _STATE_NAMES
 
     def __init__(self, module: nn.Module, params: nn.Module, form: str | None = None) -> None:
         if (form or FORMS[0]) not in FORMS:
@@ -119,7 +108,7 @@ class TorchLayer(Layer):
         self.module.train(training)
         with torch.no_grad():
             y = self._call(torch.from_numpy(np.ascontiguousarray(x)).to(_torch_dtype(x_dtype)), mask)
-        return _output(y)
+        return self._output(y)
 
     def forward_backward(
         self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray
@@ -134,11 +123,11 @@ class TorchLayer(Layer):
         y.backward(torch.from_numpy(np.ascontiguousarray(dy)).to(dtype))
         weight, bias = self.params.weight, self.params.bias
         grads = Gradients(
-            x=_output(xt.grad),
-            gamma=None if weight is None else _to_numpy(weight.grad),
-            beta=None if bias is None else _to_numpy(bias.grad),
+            x=self._output(xt.grad),
+            gamma=None if weight is None else self._output(weight.grad).value,
+            beta=None if bias is None else self._output(bias.grad).value,
         )
-        return _output(y), grads
+        return self._output(y), grads
 
     def hvp(self, x: np.ndarray, x_dtype: str, mask: np.ndarray | None, dy: np.ndarray, v: np.ndarray) -> Output:
         self.module.train(True)
@@ -148,21 +137,21 @@ class TorchLayer(Layer):
         # double backward: the first gradient keeps its graph, the second differentiates it along v
         (grad,) = torch.autograd.grad(y, xt, torch.from_numpy(np.ascontiguousarray(dy)).to(dtype), create_graph=True)
         (product,) = torch.autograd.grad(grad, xt, torch.from_numpy(np.ascontiguousarray(v)).to(dtype))
-        return _output(product)
+        return self._output(product)
 
-    def get_state(self) -> dict[str, np.ndarray]:
-        state = {}
-        for neutral, name in _STATE_NAMES.items():
-            t = getattr(self.params, name)
-            if t is not None:
-                state[neutral] = t.detach().cpu().numpy().copy()
-        return state
+    def _read_weight(self, name: str) -> np.ndarray | None:
+        t = getattr(self.params, name)
+        return None if t is None else t.detach().cpu().numpy().copy()
 
-    def set_state(self, state: dict[str, np.ndarray]) -> None:
+    def _write_weight(self, name: str, value: np.ndarray) -> None:
         with torch.no_grad():
-            for neutral, value in state.items():
-                t = getattr(self.params, _STATE_NAMES[neutral])
-                t.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            getattr(self.params, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    def _dtype_name(self, tensor: torch.Tensor) -> str:
+        return str(tensor.dtype).removeprefix("torch.")
+
+    def _host(self, tensor: torch.Tensor, dtype: str) -> np.ndarray:
+        return tensor.detach().cpu().to(_torch_dtype(dtype)).numpy().copy()
 
     def round_trip(self, directory: Path) -> TorchLayer:
         # the whole module through torch.save, loaded back with the safe weights_only
