@@ -92,6 +92,10 @@ def backend_checks(spec: Spec, loaded: LoadedBackend, cases: list[Case] | None =
     return checks_for(spec, loaded.name, cases, tuple(loaded.backend.forms))
 
 
+#: the outcomes that fail a run
+BAD_STATUSES = ("failed", "error", "xpassed")
+
+
 @dataclass
 class Outcome:
     #: passed | failed | error | skipped | xfailed | xpassed
@@ -99,6 +103,11 @@ class Outcome:
     message: str = ""
     #: failed or error: what the check raised
     error: BaseException | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_bad(self) -> bool:
+        """Fails a run: a failure, a crash, or an xfail that passes."""
+        return self.status in BAD_STATUSES
 
 
 def judge(expected: Applicable, run: Callable[[], None], source: str) -> Outcome:

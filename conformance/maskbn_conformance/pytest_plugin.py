@@ -3,7 +3,10 @@
 ``pytest spec --backend torch`` collects ``spec/cases/*.yaml`` into tests named
 ``torch-half-mask-float16-moving_stats_match_reference``, so ``-k
 torch-half-mask`` runs one case. ``spec/schema.json`` collects the spec lint
-and, per backend, ``<backend>-installed`` and ``<backend>-expectations-all-used``.
+and, per backend, ``<backend>-installed`` and ``<backend>-expectations-all-used``,
+and with ``--maskbn-fuzz-examples N`` / ``--maskbn-fuzz-long-run N`` a bounded
+fuzz pass per backend (``<backend>-fuzz-<property>``, the known bugs, the long
+run): what ``python -m maskbn_conformance report`` runs and tabulates.
 Without ``--backend`` every installed backend runs. Any test that takes a
 ``maskbn_backend`` argument is parametrized over the same backends.
 """
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from .adapter import Unsupported
 from .harness import (
     Check,
     CrossCheck,
@@ -26,7 +30,7 @@ from .harness import (
     run_cross_check,
     unused_expectations,
 )
-from .invariants import Runs
+from .invariants import CheckFailed, Runs
 from .spec import Spec, SpecError
 
 _STATE = pytest.StashKey[dict]()
@@ -41,6 +45,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="NAME",
         help="run the spec against this backend (repeatable; default: every installed backend)",
     )
+    group.addoption(
+        "--maskbn-fuzz-examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="spec/schema.json also collects a bounded fuzz pass: N derandomized examples per property (0: none)",
+    )
+    group.addoption(
+        "--maskbn-fuzz-long-run",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with the bounded fuzz pass, a long run of N training calls per backend (0: none)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,14 +67,14 @@ def pytest_configure(config: pytest.Config) -> None:
         # load named backends before any test module is imported: a backend may
         # need to configure its framework before anything else starts it (TF's
         # logical devices, JAX's host device count for the sharded cases)
-        _backends(config)
+        selected_backends(config)
 
 
 def _state(config: pytest.Config) -> dict:
     return config.stash[_STATE]
 
 
-def _backends(config: pytest.Config) -> list[LoadedBackend]:
+def selected_backends(config: pytest.Config) -> list[LoadedBackend]:
     state = _state(config)
     if state["backends"] is None:
         names = config.getoption("--backend") or list(installed_backends())
@@ -81,7 +99,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def usable_backends(config: pytest.Config) -> list[LoadedBackend]:
     """The selected backends that loaded."""
-    return [b for b in _backends(config) if b.backend is not None]
+    return [b for b in selected_backends(config) if b.backend is not None]
 
 
 def _is_spec_root(folder: Path) -> bool:
@@ -102,7 +120,7 @@ class SpecFile(pytest.File):
     def collect(self):
         spec = _spec(self.config, self.path.parent.parent)
         cases = spec.load_file(self.path)  # a malformed file is a collection error naming the field
-        for loaded in _backends(self.config):
+        for loaded in selected_backends(self.config):
             if loaded.backend is None:
                 continue  # reported by <backend>-installed
             for check in backend_checks(spec, loaded, cases):
@@ -117,7 +135,7 @@ class CheckItem(pytest.Item):
         self.spec = spec
 
     def runtest(self) -> None:
-        outcome = run_check(self.check, self.loaded, self.spec, _state(self.config)["runs"])
+        self.outcome = outcome = run_check(self.check, self.loaded, self.spec, _state(self.config)["runs"])
         if outcome.status == "passed":
             return
         if outcome.status == "skipped":
@@ -136,15 +154,91 @@ class SpecRoot(pytest.File):
     def collect(self):
         spec = _spec(self.config, self.path.parent)
         yield LintItem.from_parent(self, name="spec-lint", spec=spec)
-        for loaded in _backends(self.config):
+        for loaded in selected_backends(self.config):
             yield InstalledItem.from_parent(self, name=f"{loaded.name}-installed", loaded=loaded)
             if loaded.backend is not None:
                 yield ExpectationsUsedItem.from_parent(
                     self, name=f"{loaded.name}-expectations-all-used", loaded=loaded, spec=spec
                 )
-        usable = {b.name: b for b in _backends(self.config) if b.backend is not None}
+        usable = {b.name: b for b in selected_backends(self.config) if b.backend is not None}
         for check in cross_checks(spec, list(usable)):
             yield CrossItem.from_parent(self, name=check.id, check=check, backends=usable, spec=spec)
+        examples = self.config.getoption("--maskbn-fuzz-examples")
+        long_run = self.config.getoption("--maskbn-fuzz-long-run")
+        if (examples > 0 or long_run > 0) and fuzz_available():
+            from . import fuzz
+
+            for loaded in usable.values():
+                for prop in fuzz.CHECKS if examples > 0 else ():
+                    yield FuzzItem.from_parent(
+                        self, name=f"{loaded.name}-fuzz-{prop}", loaded=loaded, spec=spec, prop=prop, size=examples
+                    )
+                if examples > 0:
+                    yield FuzzItem.from_parent(
+                        self, name=f"{loaded.name}-fuzz-known-bugs", loaded=loaded, spec=spec, prop=None, size=examples
+                    )
+                if long_run > 0:
+                    yield FuzzItem.from_parent(
+                        self, name=f"{loaded.name}-fuzz-long-run", loaded=loaded, spec=spec, prop="long-run",
+                        size=long_run,
+                    )  # fmt: skip
+
+
+def fuzz_available() -> bool:
+    try:
+        import hypothesis  # noqa: F401 - the fuzz extra
+    except ImportError:
+        return False
+    return True
+
+
+class FuzzItem(pytest.Item):
+    """One part of the bounded fuzz pass on one backend: a property (``size``
+    derandomized examples), its known bugs (``prop`` None), or the long run
+    (``size`` training calls). ``results`` keeps what each tried and found."""
+
+    def __init__(self, *, loaded: LoadedBackend, spec: Spec, prop: str | None, size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.loaded, self.spec, self.prop, self.size = loaded, spec, prop, size
+        self.results: list = []
+        #: known bugs: an entry that no longer fails (a strict xfail that passed)
+        self.xpassed: str | None = None
+
+    def runtest(self) -> None:
+        import hypothesis.reporting
+
+        from . import fuzz
+
+        # the failure message carries the example and the repro: Hypothesis's own
+        # report of it would only repeat it
+        with hypothesis.reporting.with_reporter(lambda _message: None):
+            if self.prop is None:
+                try:
+                    self.results = fuzz.check_known_bugs(self.loaded, fuzz.ci_settings(self.size), self.spec)
+                except CheckFailed as exc:
+                    self.xpassed = str(exc)
+                    pytest.fail(f"[xpassed] {exc}", pytrace=False)
+                if self.results:
+                    pytest.xfail("; ".join(f"{r.prop}: {r.xfail_reason}" for r in self.results))
+                pytest.skip(f"the expectations of {self.loaded.name} list no known fuzz bug")
+            result = fuzz.PropertyResult(self.loaded.name, self.prop)
+            self.results = [result]
+            try:
+                if self.prop == "long-run":
+                    fuzz.long_run(self.loaded, self.size, self.spec, result=result)
+                else:
+                    fuzz.run_property(self.prop, self.loaded, fuzz.ci_settings(self.size), self.spec, result)
+            except Unsupported as exc:
+                pytest.skip(f"{self.loaded.name} cannot run fuzz {self.prop}: {exc}")
+            except CheckFailed as exc:
+                result.failure = result.failure or str(exc)
+                pytest.fail(str(exc), pytrace=False)
+            except Exception:
+                result.failure = result.failure or "error"
+                raise
+
+    def reportinfo(self):
+        return self.path, None, self.name
 
 
 class CrossItem(pytest.Item):
@@ -157,7 +251,7 @@ class CrossItem(pytest.Item):
         self.spec = spec
 
     def runtest(self) -> None:
-        outcome = run_cross_check(self.check, self.backends, self.spec)
+        self.outcome = outcome = run_cross_check(self.check, self.backends, self.spec)
         if outcome.status == "skipped":
             pytest.skip(outcome.message)
         if outcome.status != "passed":
@@ -193,7 +287,7 @@ class ExpectationsUsedItem(pytest.Item):
         self.spec = spec
 
     def runtest(self) -> None:
-        dead = unused_expectations(self.loaded, backend_checks(self.spec, self.loaded))
+        self.dead = dead = unused_expectations(self.loaded, backend_checks(self.spec, self.loaded))
         if dead:
             lines = "\n".join(f"  {e.label()}: {e.reason}" for e in dead)
             pytest.fail(

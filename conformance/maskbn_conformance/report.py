@@ -1,0 +1,374 @@
+"""``python -m maskbn_conformance report``: pytest runs every check, this reads the results.
+
+The report is not a runner of its own: it runs pytest over the spec folder (the
+plugin in ``pytest_plugin`` collects every spec check, the cross-backend
+portable checks and, asked for, a bounded fuzz pass per backend) with
+:class:`Collector` as one more plugin. The collector orders the items as the
+report reads them (per backend its spec checks, then the portable checks, then
+per backend its fuzz pass), shows progress per backend and phase, and keeps
+each item's outcome; :func:`render` turns them into the case x backend matrix,
+the reliability table and the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from . import pytest_plugin as plugin
+from .harness import BAD_STATUSES as BAD
+from .harness import Outcome
+from .progress import Progress
+from .spec import Case, Spec
+
+
+@dataclass
+class BackendResults:
+    """What the report knows of one backend once pytest is done."""
+
+    error: str | None = None
+    #: backend or backend-form column -> case id -> statuses
+    columns: dict[str, dict[str, Counter]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    #: the fuzz pass: its items' PropertyResults, failures and known bugs
+    fuzz: list = field(default_factory=list)
+    fuzz_failures: int = 0
+    known_bugs: int = 0
+    fuzz_seconds: float | None = None
+    fuzz_ran: bool = False
+
+
+def _phase(item: pytest.Item, order: dict[str, int]) -> tuple[int, int, int]:
+    """The report's reading order: per backend its spec checks (then its
+    expectations check), every portable check, then per backend its fuzz pass."""
+    if isinstance(item, plugin.CheckItem):
+        return (1, order.get(item.loaded.name, 0), 0)
+    if isinstance(item, plugin.ExpectationsUsedItem):
+        return (1, order.get(item.loaded.name, 0), 1)
+    if isinstance(item, plugin.CrossItem):
+        return (2, 0, 0)
+    if isinstance(item, plugin.FuzzItem):
+        return (3, order.get(item.loaded.name, 0), 0)
+    return (0, 0, 0)
+
+
+def _group(item: pytest.Item) -> tuple[str, str] | None:
+    """The progress phase an item counts in: (label, backend)."""
+    if isinstance(item, (plugin.CheckItem, plugin.ExpectationsUsedItem)):
+        return (f"{item.loaded.name} spec checks", item.loaded.name)
+    if isinstance(item, plugin.CrossItem):
+        return ("portable state across backends", "")
+    if isinstance(item, plugin.FuzzItem):
+        return (f"{item.loaded.name} fuzz pass", item.loaded.name)
+    return None
+
+
+class Collector:
+    """The report's pytest plugin: ordering, progress, and every item's outcome."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.names: list[str] = []
+        self.results: dict[str, BackendResults] = {}
+        self.cross: dict[tuple[str, str], Counter] = {}
+        self.totals: Counter = Counter()
+        self.collection_errors: list[str] = []
+        self._items: dict[str, pytest.Item] = {}
+        self._sizes: Counter = Counter()
+        self._progress: Progress | None = None
+        self._progress_group: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------ pytest hooks
+
+    def pytest_collection_modifyitems(self, session, config, items) -> None:
+        backends = plugin.selected_backends(config)
+        self.names = [b.name for b in backends]
+        self.results = {b.name: BackendResults(error=b.error) for b in backends}
+        order = {name: i for i, name in enumerate(self.names)}
+        items.sort(key=lambda item: _phase(item, order))
+        self._items = {item.nodeid: item for item in items}
+        self._sizes = Counter(g for g in map(_group, items) if g is not None)
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed:
+            self.collection_errors.append(f"collecting {report.nodeid or 'the spec'} failed:\n{report.longrepr}")
+
+    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+        group = _group(self._items[nodeid]) if nodeid in self._items else None
+        if group is not None and group != self._progress_group:
+            self._finish_progress()
+            self._progress_group = group
+            self._progress = Progress(group[0], self._sizes[group])
+
+    def pytest_runtest_logreport(self, report) -> None:
+        item = self._items.get(report.nodeid)
+        if item is None:
+            return
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            self._record(item, report)
+        if report.when == "teardown" and self._progress is not None:
+            self._progress.advance(item.check.case.id if isinstance(item, plugin.CheckItem) else item.name)
+
+    def pytest_sessionfinish(self, session) -> None:
+        self._finish_progress()
+
+    # --------------------------------------------------------------- results
+
+    def _finish_progress(self) -> None:
+        if self._progress is None:
+            return
+        self._progress.finish()
+        label, name = self._progress_group or ("", "")
+        if name in self.results:
+            if label.endswith("spec checks"):
+                self.results[name].seconds = round(self._progress.elapsed, 1)
+            else:
+                self.results[name].fuzz_seconds = round(self._progress.elapsed, 1)
+        self._progress = self._progress_group = None
+
+    @staticmethod
+    def _fallback(report) -> Outcome:
+        """The outcome of an item that stopped before keeping its own (a crash in setup)."""
+        return Outcome("error", str(report.longrepr))
+
+    def _record(self, item: pytest.Item, report) -> None:
+        if isinstance(item, plugin.CheckItem):
+            self._record_check(item, getattr(item, "outcome", None) or self._fallback(report))
+        elif isinstance(item, plugin.ExpectationsUsedItem):
+            results = self.results[item.loaded.name]
+            for entry in getattr(item, "dead", []):
+                results.problems.append(
+                    f"FAILED {item.loaded.name}-expectations-all-used: {entry.label()} matches no test"
+                )
+                results.columns.setdefault(item.loaded.name, {}).setdefault("(expectations)", Counter())["failed"] += 1
+                self.totals["failed"] += 1
+        elif isinstance(item, plugin.InstalledItem):
+            if item.loaded.error:
+                self.results[item.loaded.name].problems.append(item.loaded.error)
+                self.totals["error"] += 1
+        elif isinstance(item, plugin.CrossItem):
+            outcome = getattr(item, "outcome", None) or self._fallback(report)
+            self.cross.setdefault((item.check.source, item.check.target), Counter())[outcome.status] += 1
+            self.totals[outcome.status] += 1
+            if outcome.status != "passed":
+                self.results[item.check.source].problems.append(
+                    f"{outcome.status.upper()} {item.check.id}\n  " + outcome.message.replace("\n", "\n  ")
+                )
+        elif isinstance(item, plugin.FuzzItem):
+            self._record_fuzz(item, report)
+
+    def _record_check(self, item: plugin.CheckItem, outcome: Outcome) -> None:
+        check = item.check
+        results = self.results[check.backend]
+        results.columns.setdefault(check.backend, {})
+        results.columns.setdefault(check.column, {}).setdefault(check.case.id, Counter())[outcome.status] += 1
+        self.totals[outcome.status] += 1
+        if outcome.status in BAD or (self.verbose and outcome.status != "passed"):
+            results.problems.append(f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  "))
+        elif outcome.status in ("skipped", "xfailed"):
+            results.problems.append(f"{outcome.status} {check.id}: {outcome.message.splitlines()[0][:200]}")
+
+    def _record_fuzz(self, item: plugin.FuzzItem, report) -> None:
+        name = item.loaded.name
+        results = self.results[name]
+        results.fuzz_ran = True
+        results.fuzz.extend(item.results)
+        what = "known bug" if item.prop is None else item.prop
+        if item.prop is None:
+            results.known_bugs += len(item.results)
+            if item.xpassed is not None:
+                results.problems.append(f"XPASSED {name} fuzz known bug\n  {item.xpassed}")
+                results.fuzz_failures += 1
+                self.totals["failed"] += 1
+            for result in item.results:
+                results.problems.append(f"xfailed {name} fuzz {result.prop}: {result.xfail_reason}")
+        elif report.skipped:
+            results.problems.append(f"skipped {name} fuzz {what}: {_skip_reason(report)}")
+        elif report.failed:
+            failure = item.results[0].failure if item.results else None
+            kind = "FAILED" if failure and failure != "error" else "ERROR"
+            text = failure if kind == "FAILED" else str(report.longrepr)
+            results.problems.append(f"{kind} {name} fuzz {what}\n  " + str(text).replace("\n", "\n  "))
+            results.fuzz_failures += 1
+            self.totals["failed"] += 1
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _cell(counter: Counter | None) -> str:
+    if not counter:
+        return "-"
+    total = sum(counter.values())
+    bad = sum(counter[s] for s in BAD)
+    if bad:
+        return f"FAIL {bad}/{total}"
+    extra = ", ".join(f"{counter[s]} {s}" for s in ("skipped", "xfailed") if counter[s])
+    return f"pass {counter['passed']}/{total}" + (f" ({extra})" if extra else "")
+
+
+def _counters(result: BackendResults) -> list[Counter]:
+    """Every case's counter in every form column of one backend."""
+    return [c for per_case in result.columns.values() for c in per_case.values()]
+
+
+def _cases_tried(result: BackendResults) -> int:
+    """Spec checks that ran in any form (skips were not tried)."""
+    return sum(sum(v for k, v in c.items() if k != "skipped") for c in _counters(result))
+
+
+def _failures(result: BackendResults) -> int:
+    spec_bad = sum(sum(c[s] for s in BAD) for c in _counters(result))
+    return spec_bad + result.fuzz_failures + (1 if result.error else 0)
+
+
+def _fuzz_inputs(result: BackendResults) -> int:
+    return sum(r.tried for r in result.fuzz)
+
+
+def _long_run_steps(result: BackendResults) -> int:
+    return sum(r.steps for r in result.fuzz)
+
+
+def _matrix(collector: Collector, cases: list[Case]) -> str:
+    names, results = collector.names, collector.results
+    # one column per backend and form: torch, torch-compile, tf, tf-function, tf-xla, ...
+    columns: dict[str, dict[str, Counter]] = {}
+    for n in names:
+        columns.update(results[n].columns or {n: {}})
+    lines = ["| case | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for case in cases:
+        cells = [_cell(per_case.get(case.id)) for per_case in columns.values()]
+        lines.append(f"| `{case.id}` | " + " | ".join(cells) + " |")
+    summary_cells = []
+    for n in names:
+        if results[n].error:
+            summary_cells.append("NOT LOADED")
+            continue
+        for per_case in (results[n].columns or {n: {}}).values():
+            c: Counter = Counter()
+            for counter in per_case.values():
+                c.update(counter)
+            summary_cells.append(_cell(c))
+    lines.append("| **all** | " + " | ".join(summary_cells) + " |")
+    usable = [n for n in names if not results[n].error]
+    if collector.cross:
+        lines += ["", "Portable state (rows export, columns import):", "", "| from \\ to | " + " | ".join(usable) + " |",
+                  "|" + "---|" * (len(usable) + 1)]  # fmt: skip
+        for a in usable:
+            cells = [_cell(collector.cross.get((a, b))) if a != b else "" for b in usable]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _reliability(collector: Collector, note: str, fuzz_examples: int, fuzz_long_run: int) -> str:
+    """Per backend: spec checks tried, fuzz inputs tried, failures."""
+    lines = [
+        f"Reliability (cases: spec checks run; inputs: fuzz inputs tried, {fuzz_examples} examples per "
+        f"property, derandomized, plus {fuzz_long_run} long-run training calls):",
+        "",
+        "| backend | cases tried | inputs tried | long-run calls | failures | known bugs (xfail) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in collector.names:
+        r = collector.results[n]
+        fuzzed = r.fuzz_ran
+        lines.append(
+            f"| {n} | {_cases_tried(r)} | {_fuzz_inputs(r) if fuzzed else '-'} | "
+            f"{_long_run_steps(r) if fuzzed else '-'} | {_failures(r)} | {r.known_bugs if fuzzed else '-'} |"
+        )
+    if note:
+        lines += ["", note]
+    for n in collector.names:
+        r = collector.results[n]
+        if r.fuzz_ran:
+            lines += ["", f"fuzz {n} ({r.fuzz_seconds}s):"] + [f"  {x.summary()}" for x in r.fuzz]
+    return "\n".join(lines)
+
+
+def _payload(collector: Collector) -> dict:
+    backends = {}
+    for n in collector.names:
+        r = collector.results[n]
+        default = r.columns.get(n, {})
+        backends[n] = {
+            "error": r.error,
+            "seconds": r.seconds,
+            "cases": {cid: dict(counter) for cid, counter in default.items()},
+            "forms": {column: {cid: dict(c) for cid, c in per_case.items()} for column, per_case in r.columns.items()},
+            "problems": r.problems,
+            "reliability": {
+                "cases_tried": _cases_tried(r),
+                "inputs_tried": _fuzz_inputs(r) if r.fuzz_ran else None,
+                "long_run_steps": _long_run_steps(r) if r.fuzz_ran else None,
+                "failures": _failures(r),
+                "known_bugs": r.known_bugs if r.fuzz_ran else None,
+                "fuzz": [x.summary() for x in r.fuzz],
+            },
+        }
+    return {"backends": backends, "totals": dict(collector.totals)}
+
+
+def run_report(
+    spec: Spec,
+    cases: list[Case],
+    backends: list[str],
+    out: str | None = None,
+    verbose: bool = False,
+    fuzz_examples: int = 5,
+    fuzz_long_run: int = 300,
+) -> int:
+    """Run the report through pytest and print it; 1 if anything failed."""
+    started = time.perf_counter()
+    collector = Collector(verbose)
+    # the report prints everything itself (no terminal reporter), and an ini file
+    # around the spec folder must not add options that reporter would own
+    argv = [str(spec.root), "-p", "no:terminal", "-p", "no:cacheprovider", "-s", "-o", "addopts=",
+            "--rootdir", str(spec.root),
+            "--maskbn-fuzz-examples", str(fuzz_examples), "--maskbn-fuzz-long-run", str(fuzz_long_run),
+            *(f"--backend={name}" for name in backends)]  # fmt: skip
+    note = ""
+    if (fuzz_examples > 0 or fuzz_long_run > 0) and not plugin.fuzz_available():
+        note = "fuzz pass not run: hypothesis is not installed (pip install 'maskbn-conformance[fuzz]')"
+    pytest.main(argv, plugins=[collector])
+
+    matrix = _matrix(collector, cases)
+    reliability = _reliability(collector, note, fuzz_examples, fuzz_long_run)
+    problems = collector.collection_errors + [p for n in collector.names for p in collector.results[n].problems]
+    totals = collector.totals
+    print(matrix)
+    print("\n" + reliability)
+    if problems:
+        print("\nnot passing (reasons):")
+        for p in problems:
+            print("  " + p.replace("\n", "\n  "))
+    elapsed = time.perf_counter() - started
+    closing = ", ".join(f"{totals[s]} {s}" for s in ("passed", "failed", "skipped", "xfailed", "xpassed", "error"))
+    print(f"\nconformance: {closing} in {elapsed:.1f}s")
+    bad = sum(totals[s] for s in BAD) + len(collector.collection_errors)
+    # the plain closing line CI reads
+    print(f"{totals['passed'] + totals['xfailed']} passed, {bad} failed, {totals['skipped']} skipped")
+
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        md = ["# maskbn conformance matrix", "", f"spec: {len(cases)} cases; backends: {', '.join(collector.names)}",
+              "", matrix, "", reliability]  # fmt: skip
+        if problems:
+            md += ["", "## Not passing", "", "```", *problems, "```"]
+        (folder / "conformance.md").write_text("\n".join(md) + "\n")
+        (folder / "conformance.json").write_text(json.dumps(_payload(collector), indent=2) + "\n")
+        print(f"wrote {folder / 'conformance.md'} and {folder / 'conformance.json'}")
+    return 1 if bad else 0
