@@ -342,7 +342,10 @@ def run_report(
     note = ""
     if (fuzz_examples > 0 or fuzz_long_run > 0) and not plugin.fuzz_available():
         note = "fuzz pass not run: hypothesis is not installed (pip install 'maskbn-conformance[fuzz]')"
-    pytest.main(argv, plugins=[collector])
+    code = pytest.main(argv, plugins=[collector])
+    if code in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR):
+        # pytest stopped before running everything: what was collected is no verdict
+        collector.collection_errors.append(f"pytest stopped ({pytest.ExitCode(code).name}): the report is incomplete")
 
     matrix = _matrix(collector, cases)
     reliability = _reliability(collector, note, fuzz_examples, fuzz_long_run)

@@ -329,6 +329,15 @@ def test_cli_report_fails_on_a_missing_backend(tmp_path):
     assert "backend 'nonexistent' is not installed" in result.stdout
 
 
+def test_report_fails_when_pytest_stops_early(monkeypatch, capsys):
+    """A pytest that stops (usage or internal error, interrupt) leaves no verdict: the report fails."""
+    from maskbn_conformance import report
+
+    monkeypatch.setattr(report.pytest, "main", lambda *args, **kwargs: pytest.ExitCode.USAGE_ERROR)
+    assert report.run_report(SPEC, SPEC.cases, ["reference"], fuzz_examples=0, fuzz_long_run=0) == 1
+    assert "pytest stopped (USAGE_ERROR): the report is incomplete" in capsys.readouterr().out
+
+
 def test_form_axis_gives_each_form_its_own_ids():
     from broken_backends import CompiledFormOffByOne
 
