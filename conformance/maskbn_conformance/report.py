@@ -6,8 +6,8 @@ portable checks and, asked for, a bounded fuzz pass per backend) with
 :class:`Collector` as one more plugin. The collector orders the items as the
 report reads them (per backend its spec checks, then the portable checks, then
 per backend its fuzz pass), shows progress per backend and phase, and keeps
-each item's outcome; :func:`render` turns them into the case x backend matrix,
-the reliability table and the JSON.
+each item's outcome; :func:`run_report` turns them into the case x backend
+matrix, the reliability table and the JSON.
 """
 
 from __future__ import annotations
