@@ -258,6 +258,10 @@ class Backend:
 
     #: short name, used in test ids (``torch``, ``tf``, ``jax``)
     name: str
+    #: an anchor is not ours but what a user already has (a stock layer called
+    #: with a mask, gather / BN / scatter): the report shows it beside ours, its
+    #: failures are its expectations, and it gets no fuzz pass
+    anchor: bool = False
     #: the moving-variance convention of the framework's stock batch norm
     #: ("unbiased" for torch, "population" elsewhere): parity cases run the
     #: masked layer in it, so masked and stock layers store the same thing

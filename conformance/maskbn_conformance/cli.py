@@ -88,6 +88,19 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_why(args) -> int:
+    from . import why
+
+    spec = _spec(args)
+    table = why.why_table(why.load(args.json), [case.id for case in spec.cases])
+    if args.readme:
+        why.write_readme(Path(args.readme), table, f"From `{args.json}` by `python -m maskbn_conformance why`.")
+        print(f"wrote the why table into {args.readme}")
+    else:
+        print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m maskbn_conformance",
@@ -115,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dtype", action="append", default=[], help="only these dtypes")
     run.add_argument("--invariant", action="append", default=[], help="only these invariants")
     sub.add_parser("list", help="list cases, invariants and installed backends")
+    why = sub.add_parser("why", help="the README's 'why maskbn' table (anchors vs ours) from a report's JSON")
+    why.add_argument("json", nargs="?", default="reports/conformance.json", help="the report's conformance.json")
+    why.add_argument("--readme", help="write the table between the why-table markers of this file")
     args = parser.parse_args(argv)
-    return {"lint": cmd_lint, "report": cmd_report, "run": cmd_run, "list": cmd_list}[args.command](args)
+    return {"lint": cmd_lint, "report": cmd_report, "run": cmd_run, "list": cmd_list, "why": cmd_why}[args.command](
+        args
+    )
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ class Outcome:
     message: str = ""
     #: failed or error: what the check raised
     error: BaseException | None = field(default=None, compare=False, repr=False)
+    #: xfailed: the expectation entry's one-line reason (the message adds what failed)
+    reason: str = ""
 
     @property
     def is_bad(self) -> bool:
@@ -124,11 +126,11 @@ def judge(expected: Applicable, run: Callable[[], None], source: str) -> Outcome
         raise
     except CheckFailed as exc:
         if xfail is not None:
-            return Outcome("xfailed", f"{xfail.reason} ({exc})")
+            return Outcome("xfailed", f"{xfail.reason} ({exc})", reason=xfail.reason)
         return Outcome("failed", str(exc), exc)
     except Exception as exc:
         if xfail is not None:
-            return Outcome("xfailed", f"{xfail.reason} (crashed)")
+            return Outcome("xfailed", f"{xfail.reason} (crashed)", reason=xfail.reason)
         return Outcome("error", traceback.format_exc(), exc)
     if xfail is not None:
         return Outcome("xpassed", f"expected to fail ({xfail.reason}) but passes: remove the entry {xfail.label()}")

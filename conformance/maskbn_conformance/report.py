@@ -32,6 +32,10 @@ class BackendResults:
     """What the report knows of one backend once pytest is done."""
 
     error: str | None = None
+    #: not ours: what a user already has, shown beside ours (Backend.anchor)
+    anchor: bool = False
+    #: case id -> the reasons of its expected failures (expectation entries), in order
+    reasons: dict[str, list[str]] = field(default_factory=dict)
     #: backend or backend-form column -> case id -> statuses
     columns: dict[str, dict[str, Counter]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -87,9 +91,10 @@ class Collector:
     # ------------------------------------------------------------ pytest hooks
 
     def pytest_collection_modifyitems(self, session, config, items) -> None:
-        backends = plugin.selected_backends(config)
+        # ours first, then the anchors
+        backends = sorted(plugin.selected_backends(config), key=_is_anchor)
         self.names = [b.name for b in backends]
-        self.results = {b.name: BackendResults(error=b.error) for b in backends}
+        self.results = {b.name: BackendResults(error=b.error, anchor=_is_anchor(b)) for b in backends}
         order = {name: i for i, name in enumerate(self.names)}
         items.sort(key=lambda item: _phase(item, order))
         self._items = {item.nodeid: item for item in items}
@@ -169,6 +174,8 @@ class Collector:
         results.columns.setdefault(check.backend, {})
         results.columns.setdefault(check.column, {}).setdefault(check.case.id, Counter())[outcome.status] += 1
         self.totals[outcome.status] += 1
+        if outcome.reason and outcome.reason not in results.reasons.setdefault(check.case.id, []):
+            results.reasons[check.case.id].append(outcome.reason)
         if outcome.status in BAD or (self.verbose and outcome.status != "passed"):
             results.problems.append(f"{outcome.status.upper()} {check.id}\n  " + outcome.message.replace("\n", "\n  "))
         elif outcome.status in ("skipped", "xfailed"):
@@ -199,6 +206,10 @@ class Collector:
             self.totals["failed"] += 1
 
 
+def _is_anchor(loaded) -> bool:
+    return loaded.backend is not None and loaded.backend.anchor
+
+
 def _skip_reason(report) -> str:
     longrepr = report.longrepr
     reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
@@ -208,13 +219,20 @@ def _skip_reason(report) -> str:
 # ------------------------------------------------------------------ rendering
 
 
-def _cell(counter: Counter | None) -> str:
+def _cell(counter: Counter | None, anchor: bool = False) -> str:
+    """A case's checks in one column. An anchor's expected failures are what it
+    gets wrong, so its cell says ``fails``; ours says ``xfailed``."""
     if not counter:
         return "-"
     total = sum(counter.values())
     bad = sum(counter[s] for s in BAD)
     if bad:
         return f"FAIL {bad}/{total}"
+    if counter["skipped"] == total:
+        return f"skipped {total}/{total}"
+    if anchor and counter["xfailed"]:
+        skipped = f" ({counter['skipped']} skipped)" if counter["skipped"] else ""
+        return f"fails {counter['xfailed']}/{total}{skipped}"
     extra = ", ".join(f"{counter[s]} {s}" for s in ("skipped", "xfailed") if counter[s])
     return f"pass {counter['passed']}/{total}" + (f" ({extra})" if extra else "")
 
@@ -246,11 +264,14 @@ def _matrix(collector: Collector, cases: list[Case]) -> str:
     names, results = collector.names, collector.results
     # one column per backend and form: torch, torch-compile, tf, tf-function, tf-xla, ...
     columns: dict[str, dict[str, Counter]] = {}
+    anchors: dict[str, bool] = {}
     for n in names:
-        columns.update(results[n].columns or {n: {}})
-    lines = ["| case | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+        for column, per_case in (results[n].columns or {n: {}}).items():
+            columns[column], anchors[column] = per_case, results[n].anchor
+    header = [f"{c} (anchor)" if anchors[c] else c for c in columns]
+    lines = ["| case | " + " | ".join(header) + " |", "|" + "---|" * (len(columns) + 1)]
     for case in cases:
-        cells = [_cell(per_case.get(case.id)) for per_case in columns.values()]
+        cells = [_cell(per_case.get(case.id), anchors[column]) for column, per_case in columns.items()]
         lines.append(f"| `{case.id}` | " + " | ".join(cells) + " |")
     summary_cells = []
     for n in names:
@@ -261,9 +282,9 @@ def _matrix(collector: Collector, cases: list[Case]) -> str:
             c: Counter = Counter()
             for counter in per_case.values():
                 c.update(counter)
-            summary_cells.append(_cell(c))
+            summary_cells.append(_cell(c, results[n].anchor))
     lines.append("| **all** | " + " | ".join(summary_cells) + " |")
-    usable = [n for n in names if not results[n].error]
+    usable = [n for n in names if not results[n].error and not results[n].anchor]
     if collector.cross:
         lines += ["", "Portable state (rows export, columns import):", "", "| from \\ to | " + " | ".join(usable) + " |",
                   "|" + "---|" * (len(usable) + 1)]  # fmt: skip
@@ -284,6 +305,8 @@ def _reliability(collector: Collector, note: str, fuzz_examples: int, fuzz_long_
     ]
     for n in collector.names:
         r = collector.results[n]
+        if r.anchor:
+            continue  # an anchor's failures are its expectations: see the matrix and the "why" table
         fuzzed = r.fuzz_ran
         lines.append(
             f"| {n} | {_cases_tried(r)} | {_fuzz_inputs(r) if fuzzed else '-'} | "
@@ -304,11 +327,13 @@ def _payload(collector: Collector) -> dict:
         r = collector.results[n]
         default = r.columns.get(n, {})
         backends[n] = {
+            "anchor": r.anchor,
             "error": r.error,
             "seconds": r.seconds,
             "cases": {cid: dict(counter) for cid, counter in default.items()},
             "forms": {column: {cid: dict(c) for cid, c in per_case.items()} for column, per_case in r.columns.items()},
             "problems": r.problems,
+            "reasons": r.reasons,
             "reliability": {
                 "cases_tried": _cases_tried(r),
                 "inputs_tried": _fuzz_inputs(r) if r.fuzz_ran else None,

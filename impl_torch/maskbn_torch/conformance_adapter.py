@@ -162,7 +162,8 @@ class TorchLayer(AdapterLayer):
         allowed = [type(self.module), type(self.params)]
         with torch.serialization.safe_globals(allowed):
             module = torch.load(path, weights_only=True)
-        params = module.bn if isinstance(module, _StockBatchNorm) else module
+        # a wrapper of torch's BatchNorm (the stock layer, an anchor) keeps it as ``bn``
+        params = module.bn if isinstance(self.params, nn.modules.batchnorm._BatchNorm) else module
         return TorchLayer(module, params, self.form)
 
     def export_portable(self, directory: Path) -> None:
