@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from maskbn_conformance.adapter import Backend, LayerConfig, Unsupported
-from maskbn_jax.conformance_adapter import _X_DTYPES, FlaxStockLayer, request_shard_devices
+from maskbn_jax.conformance_adapter import FlaxStockLayer, request_shard_devices
 
 from . import expectations
 
@@ -29,17 +29,9 @@ class FlaxMaskedLayer(FlaxStockLayer):
         if config.moving_var != "population":
             raise Unsupported("Flax's BatchNorm stores the population variance only")
         super().__init__(config)
-        from flax import linen as nn
 
-        self.module = nn.BatchNorm(
-            axis=config.axis,
-            momentum=config.decay,
-            epsilon=config.epsilon,
-            dtype=_X_DTYPES[config.dtype],
-            param_dtype=self.store_dtype,
-            use_bias=config.center,
-            use_scale=config.scale,
-        )
+    def _numerics(self, config: LayerConfig) -> dict:
+        return {}  # Flax's defaults: use_fast_variance=True, float32 reductions
 
     @functools.cached_property
     def _fns(self):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maskbn_conformance.adapter import LayerConfig, Unsupported
-from maskbn_tf.conformance_adapter import _POLICIES, TFBackend, TFLayer
+from maskbn_tf.conformance_adapter import TFBackend, TFLayer
 
 from . import expectations
 
@@ -39,18 +39,7 @@ class KerasStockBackend(TFBackend):
             )
         if config.moving_var != "population":
             raise Unsupported("Keras' BatchNormalization stores the population variance only")
-        self._check_dtype(config)
-        layer = self._keras.layers.BatchNormalization(
-            axis=config.axis,
-            momentum=config.decay,
-            epsilon=config.epsilon,
-            center=config.center,
-            scale=config.scale,
-            synchronized=synchronized,
-            dtype=_POLICIES[config.dtype],
-        )
-        built = self._build(layer, config)
-        return KerasStockLayer(built.layer, config)
+        return KerasStockLayer(self.stock_layer(config, synchronized).layer, config)
 
     def import_portable(self, directory: Path) -> KerasStockLayer:
         raise Unsupported("Keras' BatchNormalization has no framework-neutral format")

@@ -227,9 +227,12 @@ class FlaxStockLayer(_Base):
             param_dtype=self.store_dtype,
             use_bias=config.center,
             use_scale=config.scale,
-            use_fast_variance=False,
-            force_float32_reductions=config.dtype != "float64",
+            **self._numerics(config),
         )
+
+    def _numerics(self, config: LayerConfig) -> dict:
+        """Flax's variance and reduction options: the accurate ones, for parity."""
+        return {"use_fast_variance": False, "force_float32_reductions": config.dtype != "float64"}
 
     @functools.cached_property
     def _fns(self):

@@ -400,7 +400,7 @@ class TFBackend(Backend):
         load_stock_weights(model_of(masked.layer), path)
         return masked
 
-    def stock_layer(self, config: LayerConfig) -> TFLayer:
+    def stock_layer(self, config: LayerConfig, synchronized: bool = False) -> TFLayer:
         self._check_dtype(config)
         layer = self._keras.layers.BatchNormalization(
             axis=config.axis,
@@ -408,6 +408,7 @@ class TFBackend(Backend):
             epsilon=config.epsilon,
             center=config.center,
             scale=config.scale,
+            synchronized=synchronized,
             dtype=_POLICIES[config.dtype],
         )
         return self._build(layer, config)
