@@ -5,19 +5,18 @@ adapter gives it the channel axis, as a user would (``mask[..., None]``). Its
 defaults stand, ``use_fast_variance=True`` (E[x^2] - E[x]^2) included; only
 ``dtype`` is the run dtype, so the output keeps x's dtype as ours does. Flax
 normalizes every row, padded ones too (our ``padded_output: normalize``).
-Driven through our jax adapter, under ``jax.jit``.
+Driven through our jax adapter, under ``jax.jit``; its sync mode, ``axis_name``,
+under ``jax.shard_map`` on the forced CPU devices ours use.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-import jax
-import numpy as np
+import jax.numpy as jnp
 
 from maskbn_conformance.adapter import Backend, LayerConfig, Unsupported
-from maskbn_jax.conformance_adapter import FlaxStockLayer, request_shard_devices
+from maskbn_jax.conformance_adapter import FlaxStockLayer, JaxShardedLayer, request_shard_devices
 
 from . import expectations
 
@@ -33,22 +32,14 @@ class FlaxMaskedLayer(FlaxStockLayer):
     def _numerics(self, config: LayerConfig) -> dict:
         return {}  # Flax's defaults: use_fast_variance=True, float32 reductions
 
-    @functools.cached_property
-    def _fns(self):
-        def apply(x, mask, params, state, training):
-            variables = {"params": params, "batch_stats": state}
-            if not training:
-                return self.module.apply(variables, x, use_running_average=True, mask=mask), state
-            y, updated = self.module.apply(variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
-            return y, dict(updated["batch_stats"])
-
-        return {t: jax.jit(functools.partial(apply, training=t)) for t in (True, False)}
+    def _flax_mask(self, x, mask):
+        if mask is not None and mask.ndim == x.ndim - 1:
+            # Flax's mask marks elements: the row mask gains the channel axis, as a user writes it
+            mask = jnp.expand_dims(mask, self.config.axis % x.ndim)
+        return mask
 
     def _run(self, x, mask, training, params=None):
-        if mask is not None and np.ndim(mask) == np.ndim(x) - 1:
-            # Flax's mask marks elements: the row mask gains the channel axis, as a user writes it
-            mask = np.expand_dims(mask, self.config.axis % np.ndim(x))
-        return self._fns[training](x, mask, self.params if params is None else params, self.state)
+        return self._call(x, mask, training, params)
 
 
 class FlaxStockBackend(Backend):
@@ -63,6 +54,10 @@ class FlaxStockBackend(Backend):
 
     def layer(self, config: LayerConfig) -> FlaxMaskedLayer:
         return FlaxMaskedLayer(config)
+
+    def sharded_layer(self, config: LayerConfig, num_shards: int) -> JaxShardedLayer:
+        """``BatchNorm(axis_name=...)`` under ``shard_map``, Flax's sync mode, on the devices ours use."""
+        return JaxShardedLayer(config, num_shards, FlaxMaskedLayer)
 
     def expectations_path(self) -> Path | None:
         return expectations(__name__)

@@ -105,6 +105,18 @@ class _Base(AdapterLayer, abc.ABC):
         return np.array(tensor.astype(dtype))
 
     @abc.abstractmethod
+    def _body(self, training: bool, axis_name: str | None = None):
+        """The pure call ``(x, mask, params, state) -> (y, new_state)``; with ``axis_name``
+        the statistics merge across that mapped axis (run under shard_map)."""
+
+    @functools.cached_property
+    def _fns(self):
+        return {training: jax.jit(self._body(training)) for training in (True, False)}
+
+    def _call(self, x, mask, training, params=None):
+        return self._fns[training](x, mask, self.params if params is None else params, self.state)
+
+    @abc.abstractmethod
     def _run(self, x, mask, training, params=None):
         """One jitted call: ``(y, new_state)``; ``params`` overrides the layer's (for vjp)."""
 
@@ -179,21 +191,16 @@ class _Base(AdapterLayer, abc.ABC):
 class JaxMaskedLayer(_Base):
     """``maskbn_jax.masked_batch_norm`` under ``jax.jit``."""
 
-    @functools.cached_property
-    def _fns(self):
+    def _body(self, training: bool, axis_name: str | None = None):
         kw = _core_kwargs(self.config)
-        return {
-            training: jax.jit(functools.partial(masked_batch_norm, training=training, **kw))
-            for training in (True, False)
-        }
+        return functools.partial(masked_batch_norm, training=training, axis_name=axis_name, **kw)
 
     def _run(self, x, mask, training, params=None):
-        params = self.params if params is None else params
         c = self.config
         # check the inputs as given before jit canonicalizes them (int64 -> int32, float64 -> float32
         # without x64), as an eager call of masked_batch_norm would; nothing has changed if this raises
-        _validate(x, mask, params, self.state, c.axis, c.padded_output, training)
-        return self._fns[training](x, mask, params, self.state)
+        _validate(x, mask, self.params if params is None else params, self.state, c.axis, c.padded_output, training)
+        return self._call(x, mask, training, params)
 
     def export_portable(self, directory: Path) -> None:
         c = self.config
@@ -234,21 +241,27 @@ class FlaxStockLayer(_Base):
         """Flax's variance and reduction options: the accurate ones, for parity."""
         return {"use_fast_variance": False, "force_float32_reductions": config.dtype != "float64"}
 
-    @functools.cached_property
-    def _fns(self):
-        def apply(x, params, state, training):
+    def _flax_mask(self, x, mask):
+        """The mask as Flax takes it (None for parity, where the stock layer runs unmasked)."""
+        return mask
+
+    def _body(self, training: bool, axis_name: str | None = None):
+        module = self.module if axis_name is None else self.module.clone(axis_name=axis_name)
+
+        def apply(x, mask, params, state):
             variables = {"params": params, "batch_stats": state}
+            mask = self._flax_mask(x, mask)
             if not training:
-                return self.module.apply(variables, x, use_running_average=True), state
-            y, updated = self.module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+                return module.apply(variables, x, use_running_average=True, mask=mask), state
+            y, updated = module.apply(variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
             return y, dict(updated["batch_stats"])
 
-        return {t: jax.jit(functools.partial(apply, training=t)) for t in (True, False)}
+        return apply
 
     def _run(self, x, mask, training, params=None):
         if mask is not None:
             raise Unsupported("the stock flax.linen.BatchNorm is only run without a mask")
-        return self._fns[training](x, self.params if params is None else params, self.state)
+        return self._call(x, mask, training, params)
 
 
 def request_shard_devices() -> bool:
@@ -268,8 +281,9 @@ def request_shard_devices() -> bool:
 
 
 class JaxShardedLayer(ShardedLayer):
-    """One masked layer replicated over ``num_shards`` CPU devices with ``jax.shard_map``;
-    the statistics merge through ``masked_batch_norm(..., axis_name="shards")`` (psum).
+    """One layer replicated over ``num_shards`` CPU devices with ``jax.shard_map``; the
+    statistics merge across the mapped axis ``"shards"`` (ours: ``masked_batch_norm(...,
+    axis_name=)``, two psums; a Flax module: its own ``axis_name``).
 
     shard_map needs equal shards, so uneven ones are padded to the largest with
     all-padded batch items (mask False, x 0): masked statistics ignore them by
@@ -277,7 +291,7 @@ class JaxShardedLayer(ShardedLayer):
     from the outputs and gradients.
     """
 
-    def __init__(self, config: LayerConfig, num_shards: int):
+    def __init__(self, config: LayerConfig, num_shards: int, layer_type: type[_Base] = JaxMaskedLayer):
         devices = jax.devices("cpu")
         if len(devices) < num_shards:
             raise Unsupported(
@@ -287,17 +301,14 @@ class JaxShardedLayer(ShardedLayer):
         if config.axis % config.rank == 0:
             raise Unsupported("shards split axis 0, which is this layer's channel axis")
         self.config = config
-        self.one = JaxMaskedLayer(config)
+        self.one = layer_type(config)
         self.mesh = jax.make_mesh((num_shards,), ("shards",), axis_types=(AxisType.Auto,), devices=devices[:num_shards])
 
     @functools.cached_property
     def _fns(self):
-        kw = _core_kwargs(self.config)
-
         def build(training):
-            body = functools.partial(masked_batch_norm, training=training, axis_name="shards", **kw)
             sharded = jax.shard_map(
-                body,
+                self.one._body(training, axis_name="shards"),
                 mesh=self.mesh,
                 in_specs=(P("shards"), P("shards"), P(), P()),
                 out_specs=(P("shards"), P()),
