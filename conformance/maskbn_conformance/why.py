@@ -16,10 +16,6 @@ from pathlib import Path
 START, END = "<!-- why-table: start -->", "<!-- why-table: end -->"
 
 
-def _status(cases: dict[str, dict[str, int]], case: str) -> Counter:
-    return Counter(cases.get(case, {}))
-
-
 def _ours_cell(ours: dict[str, dict], case: str) -> str:
     total: Counter = Counter()
     for result in ours.values():
@@ -34,7 +30,7 @@ def _ours_cell(ours: dict[str, dict], case: str) -> str:
 
 
 def _anchor_cell(result: dict, case: str) -> str:
-    counts = _status(result["cases"], case)
+    counts = Counter(result["cases"].get(case, {}))
     if not counts:
         return "-"
     if result["reasons"].get(case):
