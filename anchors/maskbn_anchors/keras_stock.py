@@ -41,6 +41,11 @@ class KerasStockBackend(TFBackend):
             raise Unsupported("Keras' BatchNormalization stores the population variance only")
         return KerasStockLayer(self.stock_layer(config, synchronized).layer, config)
 
+    def process_variants(self) -> dict[str, dict[str, str]]:
+        # on TensorFlow only: the stock layer on Keras' other backends would add two processes
+        # to the report for a comparison that the "why" table does not make
+        return {}
+
     def import_portable(self, directory: Path) -> KerasStockLayer:
         raise Unsupported("Keras' BatchNormalization has no framework-neutral format")
 

@@ -308,6 +308,13 @@ class Backend:
         ``directory`` and load that checkpoint into a new masked layer."""
         raise Unsupported(f"backend {self.name} cannot load its stock checkpoints (Backend.from_stock_checkpoint)")
 
+    def process_variants(self) -> dict[str, dict[str, str]]:
+        """Further report columns of this backend that need a process of their own, because
+        the framework fixes a choice once per process (Keras' backend): column suffix ->
+        the environment variables of that process. The report runs each as a child report
+        of this backend alone; pytest runs only the current process's. None by default."""
+        return {}
+
 
 def float32_of(x: np.ndarray) -> np.ndarray:
     """Convenience for adapters: a contiguous float32 (or float64) copy."""

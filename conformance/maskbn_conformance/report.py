@@ -7,12 +7,18 @@ portable checks and, asked for, a bounded fuzz pass per backend) with
 report reads them (per backend its spec checks, then the portable checks, then
 per backend its fuzz pass), shows progress per backend and phase, and keeps
 each item's outcome; :func:`run_report` turns them into the case x backend
-matrix, the reliability table and the JSON.
+matrix, the reliability table and the JSON. A backend's process variants
+(``Backend.process_variants``: Keras on its JAX and torch backends) are child
+reports of that backend alone, whose JSON joins the matrix as further columns.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,12 +46,39 @@ class BackendResults:
     columns: dict[str, dict[str, Counter]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float | None = None
-    #: the fuzz pass: its items' PropertyResults, failures and known bugs
-    fuzz: list = field(default_factory=list)
+    #: the fuzz pass: what its items tried (one summary line each), failures and known bugs
+    fuzz_summaries: list[str] = field(default_factory=list)
+    fuzz_inputs: int = 0
+    long_run_steps: int = 0
     fuzz_failures: int = 0
     known_bugs: int = 0
     fuzz_seconds: float | None = None
     fuzz_ran: bool = False
+
+    @classmethod
+    def from_payload(cls, entry: dict, name: str, alias: str) -> BackendResults:
+        """Backend ``name``'s results in a report's JSON, as the columns of ``alias``
+        (a process variant of it: ``tf`` -> ``tf-keras-jax``)."""
+        reliability = entry["reliability"]
+        columns = {
+            alias + column.removeprefix(name): {cid: Counter(c) for cid, c in per_case.items()}
+            for column, per_case in entry["forms"].items()
+        }
+        return cls(
+            error=entry["error"],
+            anchor=entry["anchor"],
+            reasons=entry["reasons"],
+            columns=columns,
+            problems=[f"({alias}) {p}" for p in entry["problems"]],
+            seconds=entry["seconds"],
+            fuzz_summaries=reliability["fuzz"],
+            fuzz_inputs=reliability["inputs_tried"] or 0,
+            long_run_steps=reliability["long_run_steps"] or 0,
+            fuzz_failures=reliability["fuzz_failures"],
+            known_bugs=reliability["known_bugs"] or 0,
+            fuzz_seconds=entry["fuzz_seconds"],
+            fuzz_ran=reliability["inputs_tried"] is not None,
+        )
 
 
 def _phase(item: pytest.Item, order: dict[str, int]) -> tuple[int, int, int]:
@@ -79,6 +112,7 @@ class Collector:
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
         self.names: list[str] = []
+        self.loaded: list = []
         self.results: dict[str, BackendResults] = {}
         self.cross: dict[tuple[str, str], Counter] = {}
         self.totals: Counter = Counter()
@@ -93,6 +127,7 @@ class Collector:
     def pytest_collection_modifyitems(self, session, config, items) -> None:
         # ours first, then the anchors
         backends = sorted(plugin.selected_backends(config), key=_is_anchor)
+        self.loaded = backends
         self.names = [b.name for b in backends]
         self.results = {b.name: BackendResults(error=b.error, anchor=_is_anchor(b)) for b in backends}
         order = {name: i for i, name in enumerate(self.names)}
@@ -185,7 +220,9 @@ class Collector:
         name = item.loaded.name
         results = self.results[name]
         results.fuzz_ran = True
-        results.fuzz.extend(item.results)
+        results.fuzz_summaries.extend(r.summary() for r in item.results)
+        results.fuzz_inputs += sum(r.tried for r in item.results)
+        results.long_run_steps += sum(r.steps for r in item.results)
         what = "known bug" if item.prop is None else item.prop
         if item.prop is None:
             results.known_bugs += len(item.results)
@@ -252,14 +289,6 @@ def _failures(result: BackendResults) -> int:
     return spec_bad + result.fuzz_failures + (1 if result.error else 0)
 
 
-def _fuzz_inputs(result: BackendResults) -> int:
-    return sum(r.tried for r in result.fuzz)
-
-
-def _long_run_steps(result: BackendResults) -> int:
-    return sum(r.steps for r in result.fuzz)
-
-
 def _matrix(collector: Collector, cases: list[Case]) -> str:
     names, results = collector.names, collector.results
     # one column per backend and form: torch, torch-compile, tf, tf-function, tf-xla, ...
@@ -309,15 +338,15 @@ def _reliability(collector: Collector, note: str, fuzz_examples: int, fuzz_long_
             continue  # an anchor's failures are its expectations: see the matrix and the "why" table
         fuzzed = r.fuzz_ran
         lines.append(
-            f"| {n} | {_cases_tried(r)} | {_fuzz_inputs(r) if fuzzed else '-'} | "
-            f"{_long_run_steps(r) if fuzzed else '-'} | {_failures(r)} | {r.known_bugs if fuzzed else '-'} |"
+            f"| {n} | {_cases_tried(r)} | {r.fuzz_inputs if fuzzed else '-'} | "
+            f"{r.long_run_steps if fuzzed else '-'} | {_failures(r)} | {r.known_bugs if fuzzed else '-'} |"
         )
     if note:
         lines += ["", note]
     for n in collector.names:
         r = collector.results[n]
         if r.fuzz_ran:
-            lines += ["", f"fuzz {n} ({r.fuzz_seconds}s):"] + [f"  {x.summary()}" for x in r.fuzz]
+            lines += ["", f"fuzz {n} ({r.fuzz_seconds}s):"] + [f"  {x}" for x in r.fuzz_summaries]
     return "\n".join(lines)
 
 
@@ -330,20 +359,44 @@ def _payload(collector: Collector) -> dict:
             "anchor": r.anchor,
             "error": r.error,
             "seconds": r.seconds,
+            "fuzz_seconds": r.fuzz_seconds,
             "cases": {cid: dict(counter) for cid, counter in default.items()},
             "forms": {column: {cid: dict(c) for cid, c in per_case.items()} for column, per_case in r.columns.items()},
             "problems": r.problems,
             "reasons": r.reasons,
             "reliability": {
                 "cases_tried": _cases_tried(r),
-                "inputs_tried": _fuzz_inputs(r) if r.fuzz_ran else None,
-                "long_run_steps": _long_run_steps(r) if r.fuzz_ran else None,
+                "inputs_tried": r.fuzz_inputs if r.fuzz_ran else None,
+                "long_run_steps": r.long_run_steps if r.fuzz_ran else None,
                 "failures": _failures(r),
+                "fuzz_failures": r.fuzz_failures,
                 "known_bugs": r.known_bugs if r.fuzz_ran else None,
-                "fuzz": [x.summary() for x in r.fuzz],
+                "fuzz": r.fuzz_summaries,
             },
         }
     return {"backends": backends, "totals": dict(collector.totals)}
+
+
+def _run_variant(collector: Collector, spec: Spec, name: str, alias: str, env: dict[str, str], args: list[str]) -> None:
+    """Backend ``name`` in a child report under ``env``; its results join as ``alias``,
+    right after ``name``'s own columns. A child that leaves no JSON is an error of ``alias``."""
+    settings = " ".join(f"{k}={v}" for k, v in env.items())
+    print(f"{alias}: backend {name} in a process of its own ({settings})", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "maskbn_conformance", "--spec", str(spec.root), "report",
+                   "--backend", name, "--out", out, *args]  # fmt: skip
+        # the child's matrix is this report's columns: its stdout is not shown, its progress (stderr) is
+        done = subprocess.run(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, check=False)
+        path = Path(out) / "conformance.json"
+        if path.is_file():
+            payload = json.loads(path.read_text())
+            results = BackendResults.from_payload(payload["backends"][name], name, alias)
+            collector.totals.update(payload["totals"])
+        else:
+            results = BackendResults(error=f"the child report ({settings}) exited {done.returncode} with no results")
+            collector.totals["error"] += 1
+    collector.names.insert(collector.names.index(name) + 1, alias)
+    collector.results[alias] = results
 
 
 def run_report(
@@ -371,6 +424,11 @@ def run_report(
     if code in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR):
         # pytest stopped before running everything: what was collected is no verdict
         collector.collection_errors.append(f"pytest stopped ({pytest.ExitCode(code).name}): the report is incomplete")
+    for loaded in [b for b in collector.loaded if b.backend is not None]:
+        for suffix, env in loaded.backend.process_variants().items():
+            _run_variant(collector, spec, loaded.name, f"{loaded.name}-{suffix}", env,
+                         ["--fuzz-examples", str(fuzz_examples), "--fuzz-long-run", str(fuzz_long_run)]
+                         + (["-v"] if verbose else []))  # fmt: skip
 
     matrix = _matrix(collector, cases)
     reliability = _reliability(collector, note, fuzz_examples, fuzz_long_run)

@@ -4,6 +4,8 @@ message naming file, case and field."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -373,3 +375,33 @@ def test_expectations_can_name_a_form(tmp_path):
     by_form = {c.form: c for c in checks if c.invariant == "output_matches_reference" and c.dtype == "float32"}
     assert run_check(by_form["compiled"], loaded, SPEC, Runs()).status == "xfailed"
     assert run_check(by_form[None], loaded, SPEC, Runs()).status == "passed"
+
+
+def test_process_variants_join_the_report_as_columns(monkeypatch, tmp_path, capsys):
+    """A backend's process variant (Keras on another backend) is a child report of that backend
+    alone, under the variant's environment; its columns join the matrix and the JSON after the
+    backend's own. The child imports the class unpatched, so it adds no variant of its own."""
+    from maskbn_conformance import report
+    from maskbn_conformance.reference_adapter import ReferenceBackend
+
+    monkeypatch.setattr(ReferenceBackend, "process_variants", lambda self: {"again": {"MASKBN_VARIANT_TEST": "1"}})
+    assert report.run_report(SPEC, SPEC.cases, ["reference"], str(tmp_path), fuzz_examples=0, fuzz_long_run=0) == 0
+    out, err = capsys.readouterr()
+    assert "reference-again: backend reference in a process of its own (MASKBN_VARIANT_TEST=1)" in err
+    assert "| case | reference | reference-again |" in out
+    backends = json.loads((tmp_path / "conformance.json").read_text())["backends"]
+    assert list(backends) == ["reference", "reference-again"]
+    assert backends["reference-again"]["cases"] == backends["reference"]["cases"]
+    assert backends["reference-again"]["cases"]["half-mask"]["passed"] > 0
+
+
+def test_a_process_variant_without_results_fails_the_report(monkeypatch):
+    from maskbn_conformance import report
+
+    collector = report.Collector()
+    collector.names = ["reference"]
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    report._run_variant(collector, SPEC, "reference", "reference-broken", {}, [])
+    assert collector.names == ["reference", "reference-broken"]
+    assert "exited 1 with no results" in collector.results["reference-broken"].error
+    assert collector.totals["error"] == 1

@@ -413,5 +413,12 @@ class TFBackend(Backend):
         )
         return self._build(layer, config)
 
+    def process_variants(self) -> dict[str, dict[str, str]]:
+        """The layer on Keras' JAX and torch backends, where those frameworks are installed
+        (Keras fixes its backend per process; from TensorFlow only, so a child adds none)."""
+        if not _on_tensorflow():
+            return {}
+        return {f"keras-{b}": {"KERAS_BACKEND": b} for b in ("jax", "torch") if importlib.util.find_spec(b)}
+
     def expectations_path(self) -> Path | None:
         return Path(__file__).with_name("conformance_expectations.yaml")
