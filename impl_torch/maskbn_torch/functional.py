@@ -159,6 +159,26 @@ def _rows_2d(t: Tensor) -> Tensor | None:
         return None
 
 
+def _samples_3d(t: Tensor, axis: int) -> Tensor | None:
+    """``t`` as an (N, C, L) view with the channel axis second (channels first), or None."""
+    if axis == 0 or t.dim() < 2:
+        return None
+    t3 = t.movedim(axis, 1)
+    return t3.view(t.shape[0], t.shape[axis], -1) if t3.is_contiguous() and t3.numel() > 0 else None
+
+
+def _masked_samples(x: Tensor, m: Tensor | None, axis: int, group: Any) -> tuple[Tensor, Tensor | None] | None:
+    """Eager channels-first work in chunks of samples: x as (N, C, L) and the mask as
+    (N, 1, L) (None: every position real), or None where x has no such view or the mask
+    varies along the channel axis (and in compiled code, or with a process group)."""
+    if group is not None or not _runs_eagerly(x) or (m is not None and m.shape[axis] != 1):
+        return None
+    x3 = _samples_3d(x, axis)
+    if x3 is None:
+        return None
+    return x3, None if m is None else m.movedim(axis, 1).reshape(x3.shape[0], 1, x3.shape[2])
+
+
 def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
     """Whether eager work happens on the gathered real rows, (n, C), with fused ATen kernels.
 
@@ -169,34 +189,43 @@ def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
     """
     if not _runs_eagerly(x) or group is not None:
         return False
-    if m is None:
-        return _rows_2d(x.movedim(axis, -1)) is not None
+    if m is None or _samples_3d(x, axis) is not None:
+        return _rows_2d(x.movedim(axis, -1)) is not None and (m is None or m.shape[axis] == 1)
     return m.shape[axis] == 1
 
 
 def _mask_is_moot(
     m: Tensor,
     x: Tensor,
+    axis: int,
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
     padded_output: str,
     process_group: Any,
-) -> bool:
-    """Whether the mask changes nothing this call computes, so it can run unmasked.
+) -> tuple[bool, Tensor | None]:
+    """Whether the mask changes nothing this call computes, so it can run unmasked; and the
+    real rows' index (:func:`_real_index`) where this call found it, else None.
 
     Inference that normalizes padded rows and records no derivative (padded rows are
     constants for autodiff, so a gradient would see the mask); or an eager call without a
-    process group whose every position is real: one reduction of the mask and a host read,
-    against a gather and a scatter of every row (measured 5.6x native BN at 0 % padding).
+    process group whose every position is real (measured 5.6x native BN at 0 % padding with
+    a gather and a scatter of every row). Where the eager work gathers rows, that test is the
+    length of the index the gather needs anyway (one host read, no separate ``m.all()``).
     """
     tensors = [t for t in (x, weight, bias) if t is not None]
     if _forward_mode_active(m, *tensors):
-        return False  # a tangent or a vmapped mask: no host read, keep the masked path
+        return False, None  # a tangent or a vmapped mask: no host read, keep the masked path
     if not training and padded_output == "normalize":
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return True
-    return process_group is None and _runs_eagerly(x) and bool(m.all())
+            return True, None
+    if process_group is not None or not _runs_eagerly(x):
+        return False, None
+    if _gathers_rows(x, m, axis, None) and _rows_2d(x.movedim(axis, -1)) is not None:
+        index = _real_index(m, axis)
+        moot = index.shape[0] == m.numel() // m.shape[axis]
+        return moot, None if moot else index
+    return bool(m.all()), None
 
 
 def _real_index(m: Tensor, axis: int) -> Tensor:
@@ -222,18 +251,101 @@ def _real_rows(t: Tensor, m: Tensor | None, axis: int, index: Tensor | None = No
 
 def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int, index: Tensor | None = None) -> Tensor:
     """The inverse of :func:`_real_rows`: ``rows`` at the real positions of a tensor of ``like``'s
-    shape, layout and dtype, 0 elsewhere (rows are cast before the scatter: n rows, not all)."""
+    shape and dtype, 0 elsewhere (rows are cast before the scatter: n rows, not all)."""
     rows = rows.to(like.dtype)
     if m is None:
         return rows.view(like.movedim(axis, -1).shape).movedim(-1, axis)
-    # a memset and one copy of the real rows: faster than writing the padded rows by index
-    out = torch.zeros_like(like)
-    out_rows = _rows_2d(out.movedim(axis, -1))
-    if out_rows is None:
+    like_last = like.movedim(axis, -1)
+    if _rows_2d(like_last) is None:
+        out = torch.zeros_like(like)
         out.movedim(axis, -1)[m.squeeze(axis)] = rows
         return out
-    out_rows.index_copy_(0, _real_index(m, axis) if index is None else index, rows)
-    return out
+    # a gather of every position from the rows and one zero row: index_select copies whole
+    # rows, several times faster than index_copy_ into a zeroed buffer (which writes each
+    # element by index after a memset)
+    flat = m.squeeze(axis).reshape(-1)
+    source = torch.cat([rows, rows.new_zeros((1, rows.shape[1]))])
+    inverse = torch.where(flat, flat.cumsum(0) - 1, rows.shape[0])
+    return source.index_select(0, inverse).view(like_last.shape).movedim(-1, axis)
+
+
+# bytes of one chunk of positions in the eager statistics: small enough that its temporaries
+# stay in the last-level cache, large enough that the per-op overhead stays small
+_CHUNK_BYTES = 2 << 20
+
+
+def _chunked_moments(
+    src: Tensor,
+    index: Tensor | None,
+    stat_shape: tuple[int, ...],
+    acc: torch.dtype,
+    m3: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, var) over the real positions of ``src``, in one read of them.
+
+    ``src``: (positions, C) rows, of which ``index`` selects the real ones (None: all), or
+    (N, C, L) whose real positions are ``m3`` (N, 1, L) (None: all; padded positions are
+    selected away, :func:`_select`, so NaN/Inf there never enter a sum). Work goes chunk by chunk through two cache-sized
+    buffers (a gathered chunk, d): no full-size temporary, and each position is read from
+    memory once instead of the three to five times of a two-pass over the whole tensor.
+
+    Shifted sums: with K the mean of the first chunk, d = x - K, mean = K + sum(d) / n and
+    var = sum(d^2) / n - (sum(d) / n)^2, each sum cascaded (ATen's per chunk, then over the
+    chunks). The subtraction loses the variance only as (mean - K)^2 / var grows; where
+    that exceeds 1 (data not stationary: the first chunk is off by over one std) a second
+    pass shifts by the mean just found, so float32 keeps about one ulp of the mean and 1e-5
+    of the variance even when |mean| / std is 1e6 (never E[x^2] - E[x]^2).
+    """
+    n = src.shape[0] if index is None else index.shape[0]
+    if src.dim() == 3:
+        n = n * src.shape[2] if m3 is None else int(m3.sum())
+    count = torch.full(stat_shape, n, dtype=acc, device=src.device)
+    if n == 0:
+        zero = torch.zeros(stat_shape, dtype=acc, device=src.device)
+        return count, zero, zero
+    dims = (0,) if src.dim() == 2 else (0, 2)
+    per = src[0].numel()  # elements of one position (rows) or one sample (N, C, L)
+    length = per // src.shape[1]  # positions per sample: 1 for rows
+    total = src.shape[0] if index is None else index.shape[0]
+    step = max(1, _CHUNK_BYTES // (per * torch.empty((), dtype=acc).element_size()))
+    gathered = None if index is None else src.new_empty((min(step, total), *src.shape[1:]))
+    work = torch.empty((min(step, total), *src.shape[1:]), dtype=acc, device=src.device)
+    starts = range(0, total, step)
+    sums = torch.empty((2, len(starts), src.shape[1]), dtype=acc, device=src.device)
+    kshape = (src.shape[1],) if src.dim() == 2 else (1, src.shape[1], 1)
+    keep = None if m3 is None else _keep_bits(m3, acc)
+
+    def shifted_sums(shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        for i, start in enumerate(starts):
+            stop = min(total, start + step)
+            if index is None or gathered is None:
+                part = src[start:stop]
+            else:
+                part = torch.index_select(src, 0, index[start:stop], out=gathered[: stop - start])
+            if shift is None and (keep is None or m3 is None):  # the first chunk's mean
+                shift = (part.sum(dims, dtype=acc) / ((stop - start) * length)).reshape(kshape)
+            elif shift is None:  # the first chunk's mean over its real positions (0 without any)
+                assert keep is not None and m3 is not None
+                first = _select(work[: stop - start].copy_(part), keep[start:stop], inplace=True)
+                shift = (first.sum(dims) / m3[start:stop].sum(dtype=acc).clamp_(min=1)).reshape(kshape)
+            if part.dtype == acc:
+                d = torch.sub(part, shift, out=work[: stop - start])
+            else:  # a cast, then a subtraction in acc: 2x faster than one mixed-dtype sub
+                d = work[: stop - start].copy_(part).sub_(shift)
+            if keep is not None:
+                _select(d, keep[start:stop], inplace=True)
+            torch.sum(d, dims, out=sums[0, i])
+            torch.sum(d.square_(), dims, out=sums[1, i])
+        assert shift is not None
+        s1, s2 = sums.sum(1)
+        return shift.reshape(-1), s1 / n, s2 / n
+
+    shift, mean_d, mean_d2 = shifted_sums(None)
+    var = mean_d2 - mean_d.square()
+    if bool((mean_d.square() > var).any()):
+        shift, mean_d, mean_d2 = shifted_sums((shift + mean_d).reshape(kshape))
+        var = mean_d2 - mean_d.square()
+    return count, (shift + mean_d).reshape(stat_shape), var.clamp_(min=0).reshape(stat_shape)
 
 
 def _row_moments(
@@ -264,6 +376,7 @@ def _batch_moments(
     stat_shape: tuple[int, ...],
     acc: torch.dtype,
     group: Any,
+    index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, var) per channel over the real positions, each of ``stat_shape``.
 
@@ -280,7 +393,13 @@ def _batch_moments(
     """
     x = x.detach()
     if _gathers_rows(x, m, axis, group):
-        return _row_moments(_real_rows(x, m, axis), m is not None, stat_shape, acc)
+        rows = _rows_2d(x.movedim(axis, -1))
+        if rows is not None and (m is None or index is not None):
+            return _chunked_moments(rows, index, stat_shape, acc)
+        return _row_moments(_real_rows(x, m, axis, index), m is not None, stat_shape, acc)
+    samples = _masked_samples(x, m, axis, group)
+    if samples is not None:
+        return _chunked_moments(samples[0], None, stat_shape, acc, samples[1])
     red = _reduction_dtype(acc, x.device)
     if m is None:
         count = torch.full(stat_shape, x.numel() // math.prod(stat_shape), dtype=acc, device=x.device)
@@ -419,6 +538,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         dims: tuple[int, ...],
         stat_shape: tuple[int, ...],
         group: Any,
+        index: Tensor | None,
     ) -> Tensor:
         acc = mean.dtype
         if _native_normalizes(x, weight, bias, mean, var, eps):
@@ -434,7 +554,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
             y = y.to(x.dtype)
         if zero_padded and m is not None:
             _select(y, _keep_bits(m, y.dtype), inplace=True)
-        ctx.save_for_backward(x, weight, bias, m, mean, var, count)
+        ctx.save_for_backward(x, weight, bias, m, mean, var, count, index)
         ctx.eps = eps
         ctx.zero_padded = zero_padded
         ctx.group = group
@@ -445,8 +565,8 @@ class _MaskedBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, bias, m, mean, var, count = ctx.saved_tensors
-        nones = (None,) * 10
+        x, weight, bias, m, mean, var, count, index = ctx.saved_tensors
+        nones = (None,) * 11
         # a graph wanted (create_graph), or a vmapped backward (batched grads, torch.func):
         # the composite's out-of-place autograd; the in-place fast path below refuses vmap
         if torch.is_grad_enabled() or _vmapped(grad_out):
@@ -457,7 +577,12 @@ class _MaskedBatchNormFn(torch.autograd.Function):
         red = _reduction_dtype(acc, x.device)
         invstd = torch.rsqrt(var + ctx.eps)
         if _gathers_rows(x, m, ctx.axis, ctx.group):
-            return (*_row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count), *nones)
+            return (*_row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count, index), *nones)
+        samples = _masked_samples(x, m, ctx.axis, ctx.group)
+        if samples is not None and m is None:
+            return (*_samples_backward(ctx, grad_out, x, weight, bias, mean, var, invstd, count), *nones)
+        if samples is not None and count is not None:
+            return (*_masked_samples_backward(ctx, grad_out, x, weight, bias, *samples, mean, invstd, count), *nones)
         keep = None if m is None else _keep_bits(m, acc)
         if keep is None:
             dy = grad_out.to(acc)  # may be grad_out itself: never modified in place
@@ -531,19 +656,25 @@ def _native_normalize(
     return torch.batch_norm(x.movedim(axis, 1), weight, bias, *stats, False, 0.0, eps, False).movedim(1, axis)
 
 
-def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -> tuple[Tensor | None, ...]:
+def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count, index) -> tuple[Tensor | None, ...]:
     """The backward on the gathered real rows: native batch norm's backward kernel on (n, C).
 
     Padded rows neither enter it nor get gradient (zeros are scattered around the rows).
     grad_bias is a cascaded ATen sum of dy (the kernel's own sums are sequential float32,
-    1e-5 relative off over 2^18 rows with an offset in dy).
+    1e-5 relative off over 2^18 rows with an offset in dy). float16/bfloat16 rows go into
+    the kernel as they are (it computes in float32 with float32 statistics and weight).
+    ``index``: the forward's :func:`_real_index` of ``m`` (None: found here where needed).
     """
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     acc = mean.dtype
     axis = ctx.axis
-    index = _real_index(m, axis) if m is not None and _rows_2d(x.movedim(axis, -1)) is not None else None
-    dy_rows = _real_rows(grad_out, m, axis, index).to(acc)
-    x_rows = _real_rows(x, m, axis, index).to(acc)
+    if index is None and m is not None and _rows_2d(x.movedim(axis, -1)) is not None:
+        index = _real_index(m, axis)
+    mixed = acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and grad_out.dtype == x.dtype
+    dy_rows = _real_rows(grad_out, m, axis, index)
+    x_rows = _real_rows(x, m, axis, index)
+    if not mixed:
+        dy_rows, x_rows = dy_rows.to(acc), x_rows.to(acc)
     w = None if weight is None else weight.to(acc)
     train = count is not None
     mean_v, var_v, invstd_v = mean.reshape(-1), var.reshape(-1), invstd.reshape(-1)
@@ -556,7 +687,85 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count) -
     return (
         _scatter_rows(grad_rows, x, m, axis, index) if need_x else None,
         grad_w.to(weight.dtype) if need_w else None,
-        dy_rows.sum(0).to(bias.dtype) if need_b else None,
+        dy_rows.sum(0, dtype=acc).to(bias.dtype) if need_b else None,
+    )
+
+
+def _samples_backward(ctx, grad_out, x, weight, bias, mean, var, invstd, count) -> tuple[Tensor | None, ...]:
+    """The unmasked channels-first backward: native batch norm's backward kernel on the
+    (N, C, L) view of x, grad_bias a cascaded ATen sum of dy (as :func:`_row_backward`)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    acc = mean.dtype
+    axis = ctx.axis
+    mixed = acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and grad_out.dtype == x.dtype
+    x3 = _samples_3d(x, axis)
+    assert x3 is not None
+    dy3 = grad_out.movedim(axis, 1).reshape(x3.shape)
+    if not mixed:
+        dy3, x3 = dy3.to(acc), x3.to(acc)
+    w = None if weight is None else weight.to(acc)
+    grad_x, grad_w, _ = _native_backward(
+        dy3, x3, w, mean.reshape(-1), var.reshape(-1), invstd.reshape(-1), count is not None, ctx.eps, need_x, need_w
+    )
+    moved = x.movedim(axis, 1).shape
+    return (
+        grad_x.to(x.dtype).view(moved).movedim(1, axis) if need_x else None,
+        grad_w.to(weight.dtype) if need_w else None,
+        dy3.sum((0, 2), dtype=acc).to(bias.dtype) if need_b else None,
+    )
+
+
+def _masked_samples_backward(ctx, grad_out, x, weight, bias, x3, m3, mean, invstd, count) -> tuple[Tensor | None, ...]:
+    """The masked channels-first training backward, in chunks of samples (as
+    :func:`_chunked_moments`): a pass for the sums s1 = sum(dy), s2 = sum(dy * (x - mean)) over
+    the real positions, then one that writes grad_x = g * (dy - s1 / n - (x - mean) * invstd^2
+    * s2 / n) on real positions and 0 on padded ones straight into the result. No
+    full-size temporary; dy and x are each read twice, as native batch norm's backward does.
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    acc = mean.dtype
+    axis = ctx.axis
+    dy3 = grad_out.movedim(axis, 1).reshape(x3.shape)
+    keep = _keep_bits(m3, acc)
+    channels = x3.shape[1]
+    step = max(1, _CHUNK_BYTES // (x3[0].numel() * torch.empty((), dtype=acc).element_size()))
+    starts = range(0, x3.shape[0], step)
+    dy_work = torch.empty((min(step, x3.shape[0]), *x3.shape[1:]), dtype=acc, device=x.device)
+    x_work = torch.empty_like(dy_work)
+    sums = torch.empty((2, len(starts), channels), dtype=acc, device=x.device)
+    mean3 = mean.reshape(1, channels, 1)
+
+    def chunk(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """dy and x - mean of a chunk, 0 on padded positions."""
+        dy = _select(dy_work[: stop - start].copy_(dy3[start:stop]), keep[start:stop], inplace=True)
+        centred = x_work[: stop - start].copy_(x3[start:stop]).sub_(mean3)
+        _select(centred, keep[start:stop], inplace=True)
+        return dy, centred
+
+    for i, start in enumerate(starts):
+        dy, centred = chunk(start, min(x3.shape[0], start + step))
+        torch.sum(dy, (0, 2), out=sums[0, i])
+        torch.sum(centred.mul_(dy), (0, 2), out=sums[1, i])
+    s1, s2c = sums.sum(1)  # s2c = sum(dy * (x - mean)); sum(dy * xhat) = s2c * invstd
+    grad_x = None
+    if need_x:
+        n = count.reshape(-1).clamp(min=1)
+        g = invstd.reshape(-1) if weight is None else invstd.reshape(-1) * weight.to(acc)
+        coef_x = (-g * invstd.reshape(-1).square() * s2c / n).reshape(1, channels, 1)
+        coef_dy = g.reshape(1, channels, 1)
+        shift = (-g * s1 / n).reshape(1, channels, 1)
+        grad_x = torch.empty_like(x)
+        out3 = _samples_3d(grad_x, axis)
+        assert out3 is not None
+        for start in starts:
+            stop = min(x3.shape[0], start + step)
+            dy, centred = chunk(start, stop)
+            res = centred.mul_(coef_x).addcmul_(dy, coef_dy).add_(shift)
+            out3[start:stop].copy_(_select(res, keep[start:stop], inplace=True))
+    return (
+        grad_x,
+        (s2c * invstd.reshape(-1)).to(weight.dtype) if need_w else None,
+        s1.to(bias.dtype) if need_b else None,
     )
 
 
@@ -705,8 +914,11 @@ def masked_batch_norm(
     if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     m = _prepare_mask(mask, input, axis)
-    if m is not None and _mask_is_moot(m, input, weight, bias, training, padded_output, process_group):
-        m = None  # validated above; the unmasked path skips the gather and the scatter
+    index = None  # the real rows' positions, where the eager work gathers rows (found once per call)
+    if m is not None:
+        moot, index = _mask_is_moot(m, input, axis, weight, bias, training, padded_output, process_group)
+        if moot:
+            m = None  # validated above; the unmasked path skips the gather and the scatter
 
     float64 = any(t is not None and t.dtype == torch.float64 for t in (input, weight, running_mean))
     acc = torch.float64 if float64 else torch.float32
@@ -718,7 +930,7 @@ def masked_batch_norm(
     count = group = None
     if training:
         group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
-        count, batch_mean, batch_var = _batch_moments(input, m, axis, dims, stat_shape, acc, group)
+        count, batch_mean, batch_var = _batch_moments(input, m, axis, dims, stat_shape, acc, group, index)
         has_real = count > 0
         if running is not None:
             prior_mean, prior_var = (t.detach().to(acc).reshape(stat_shape) for t in running)
@@ -761,7 +973,7 @@ def masked_batch_norm(
     )
     if _forward_mode_active(input, weight, bias):
         return _composite(*args)
-    return _MaskedBatchNormFn.apply(*args)
+    return _MaskedBatchNormFn.apply(*args, index)
 
 
 def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None, stat_shape: tuple[int, ...]) -> Tensor:
