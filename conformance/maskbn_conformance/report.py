@@ -113,6 +113,8 @@ class Collector:
         self.verbose = verbose
         self.names: list[str] = []
         self.loaded: list = []
+        #: backend name -> the columns its process variants added (Backend.process_variants)
+        self.variants: dict[str, list[str]] = {}
         self.results: dict[str, BackendResults] = {}
         self.cross: dict[tuple[str, str], Counter] = {}
         self.totals: Counter = Counter()
@@ -377,9 +379,13 @@ def _payload(collector: Collector) -> dict:
     return {"backends": backends, "totals": dict(collector.totals)}
 
 
-def _run_variant(collector: Collector, spec: Spec, name: str, alias: str, env: dict[str, str], args: list[str]) -> None:
-    """Backend ``name`` in a child report under ``env``; its results join as ``alias``,
-    right after ``name``'s own columns. A child that leaves no JSON is an error of ``alias``."""
+def _run_variant(
+    collector: Collector, spec: Spec, name: str, suffix: str, env: dict[str, str], args: list[str]
+) -> None:
+    """Backend ``name`` in a child report under ``env``; its results join as ``<name>-<suffix>``,
+    after ``name``'s own columns and its earlier variants. A child that leaves no JSON is an
+    error of that column."""
+    alias = f"{name}-{suffix}"
     settings = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"{alias}: backend {name} in a process of its own ({settings})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as out:
@@ -395,7 +401,8 @@ def _run_variant(collector: Collector, spec: Spec, name: str, alias: str, env: d
         else:
             results = BackendResults(error=f"the child report ({settings}) exited {done.returncode} with no results")
             collector.totals["error"] += 1
-    collector.names.insert(collector.names.index(name) + 1, alias)
+    collector.variants.setdefault(name, []).append(alias)
+    collector.names.insert(collector.names.index(name) + len(collector.variants[name]), alias)
     collector.results[alias] = results
 
 
@@ -426,7 +433,7 @@ def run_report(
         collector.collection_errors.append(f"pytest stopped ({pytest.ExitCode(code).name}): the report is incomplete")
     for loaded in [b for b in collector.loaded if b.backend is not None]:
         for suffix, env in loaded.backend.process_variants().items():
-            _run_variant(collector, spec, loaded.name, f"{loaded.name}-{suffix}", env,
+            _run_variant(collector, spec, loaded.name, suffix, env,
                          ["--fuzz-examples", str(fuzz_examples), "--fuzz-long-run", str(fuzz_long_run)]
                          + (["-v"] if verbose else []))  # fmt: skip
 

@@ -384,13 +384,14 @@ def test_process_variants_join_the_report_as_columns(monkeypatch, tmp_path, caps
     from maskbn_conformance import report
     from maskbn_conformance.reference_adapter import ReferenceBackend
 
-    monkeypatch.setattr(ReferenceBackend, "process_variants", lambda self: {"again": {"MASKBN_VARIANT_TEST": "1"}})
+    variants = {"again": {"MASKBN_VARIANT_TEST": "1"}, "twice": {"MASKBN_VARIANT_TEST": "2"}}
+    monkeypatch.setattr(ReferenceBackend, "process_variants", lambda self: variants)
     assert report.run_report(SPEC, SPEC.cases, ["reference"], str(tmp_path), fuzz_examples=0, fuzz_long_run=0) == 0
     out, err = capsys.readouterr()
     assert "reference-again: backend reference in a process of its own (MASKBN_VARIANT_TEST=1)" in err
-    assert "| case | reference | reference-again |" in out
+    assert "| case | reference | reference-again | reference-twice |" in out
     backends = json.loads((tmp_path / "conformance.json").read_text())["backends"]
-    assert list(backends) == ["reference", "reference-again"]
+    assert list(backends) == ["reference", "reference-again", "reference-twice"]
     assert backends["reference-again"]["cases"] == backends["reference"]["cases"]
     assert backends["reference-again"]["cases"]["half-mask"]["passed"] > 0
 
@@ -401,7 +402,7 @@ def test_a_process_variant_without_results_fails_the_report(monkeypatch):
     collector = report.Collector()
     collector.names = ["reference"]
     monkeypatch.setattr(sys, "executable", shutil.which("false"))
-    report._run_variant(collector, SPEC, "reference", "reference-broken", {}, [])
+    report._run_variant(collector, SPEC, "reference", "broken", {}, [])
     assert collector.names == ["reference", "reference-broken"]
     assert "exited 1 with no results" in collector.results["reference-broken"].error
     assert collector.totals["error"] == 1
