@@ -276,19 +276,17 @@ _CHUNK_BYTES = 2 << 20
 
 
 def _chunked_moments(
-    src: Tensor,
-    index: Tensor | None,
-    stat_shape: tuple[int, ...],
-    acc: torch.dtype,
-    m3: Tensor | None = None,
+    src: Tensor, stat_shape: tuple[int, ...], acc: torch.dtype, m3: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, var) over the real positions of ``src``, in one read of them.
 
-    ``src``: (positions, C) rows, of which ``index`` selects the real ones (None: all), or
-    (N, C, L) whose real positions are ``m3`` (N, 1, L) (None: all; padded positions are
-    selected away, :func:`_select`, so NaN/Inf there never enter a sum). Work goes chunk by chunk through two cache-sized
-    buffers (a gathered chunk, d): no full-size temporary, and each position is read from
-    memory once instead of the three to five times of a two-pass over the whole tensor.
+    ``src``: (positions, C) rows, all real, or (N, C, L) whose real positions are ``m3``
+    (N, 1, L) (None: all; padded positions are selected away, :func:`_select`, so NaN/Inf
+    there never enter a sum). Work goes chunk by chunk through a cache-sized buffer: no
+    full-size temporary, and each position is read from memory once instead of the three
+    to five times of a two-pass over the whole tensor (at (16, 4096, 64) unmasked, 2
+    threads: 2.3 ms against 5.4 ms). Masked rows are gathered instead (:func:`_row_moments`):
+    one gather and a two-pass on the n rows measured faster than gathering chunk by chunk.
 
     Shifted sums: with K the mean of the first chunk, d = x - K, mean = K + sum(d) / n and
     var = sum(d^2) / n - (sum(d) / n)^2, each sum cascaded (ATen's per chunk, then over the
@@ -297,7 +295,7 @@ def _chunked_moments(
     pass shifts by the mean just found, so float32 keeps about one ulp of the mean and 1e-5
     of the variance even when |mean| / std is 1e6 (never E[x^2] - E[x]^2).
     """
-    n = src.shape[0] if index is None else index.shape[0]
+    n = src.shape[0]
     if src.dim() == 3:
         n = n * src.shape[2] if m3 is None else int(m3.sum())
     count = torch.full(stat_shape, n, dtype=acc, device=src.device)
@@ -307,9 +305,8 @@ def _chunked_moments(
     dims = (0,) if src.dim() == 2 else (0, 2)
     per = src[0].numel()  # elements of one position (rows) or one sample (N, C, L)
     length = per // src.shape[1]  # positions per sample: 1 for rows
-    total = src.shape[0] if index is None else index.shape[0]
+    total = src.shape[0]
     step = max(1, _CHUNK_BYTES // (per * torch.empty((), dtype=acc).element_size()))
-    gathered = None if index is None else src.new_empty((min(step, total), *src.shape[1:]))
     work = torch.empty((min(step, total), *src.shape[1:]), dtype=acc, device=src.device)
     starts = range(0, total, step)
     sums = torch.empty((2, len(starts), src.shape[1]), dtype=acc, device=src.device)
@@ -319,10 +316,7 @@ def _chunked_moments(
     def shifted_sums(shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         for i, start in enumerate(starts):
             stop = min(total, start + step)
-            if index is None or gathered is None:
-                part = src[start:stop]
-            else:
-                part = torch.index_select(src, 0, index[start:stop], out=gathered[: stop - start])
+            part = src[start:stop]
             if shift is None and (keep is None or m3 is None):  # the first chunk's mean
                 shift = (part.sum(dims, dtype=acc) / ((stop - start) * length)).reshape(kshape)
             elif shift is None:  # the first chunk's mean over its real positions (0 without any)
@@ -395,12 +389,14 @@ def _batch_moments(
     x = x.detach()
     if _gathers_rows(x, m, axis, group):
         rows = _rows_2d(x.movedim(axis, -1))
-        if rows is not None and (m is None or index is not None):
-            return _chunked_moments(rows, index, stat_shape, acc)
+        if rows is not None and m is None:
+            return _chunked_moments(rows, stat_shape, acc)
+        # masked: one gather and the two-pass in place on the real rows (2 threads: 1.37 ms
+        # against 1.54 ms chunked at (16, 4096, 64) 50 % padding; 0.42 against 0.50 at 90 %)
         return _row_moments(_real_rows(x, m, axis, index), m is not None, stat_shape, acc)
     samples = _masked_samples(x, m, axis, group)
     if samples is not None:
-        return _chunked_moments(samples[0], None, stat_shape, acc, samples[1])
+        return _chunked_moments(samples[0], stat_shape, acc, samples[1])
     red = _reduction_dtype(acc, x.device)
     if m is None:
         count = torch.full(stat_shape, x.numel() // math.prod(stat_shape), dtype=acc, device=x.device)
