@@ -406,3 +406,20 @@ def test_a_process_variant_without_results_fails_the_report(monkeypatch):
     assert collector.names == ["reference", "reference-broken"]
     assert "exited 1 with no results" in collector.results["reference-broken"].error
     assert collector.totals["error"] == 1
+
+
+def test_a_process_variant_has_no_portable_row_or_column():
+    """The portable checks run between the backends of the report's own process."""
+    from collections import Counter
+
+    from maskbn_conformance import report
+
+    collector = report.Collector()
+    collector.names = ["reference", "reference-again", "other"]
+    collector.variants = {"reference": ["reference-again"]}
+    passed = {"half-mask": Counter(passed=1)}
+    collector.results = {n: report.BackendResults(columns={n: passed}) for n in collector.names}
+    collector.cross = {("reference", "other"): Counter(passed=3), ("other", "reference"): Counter(passed=3)}
+    portable = report._matrix(collector, [SPEC.case("half-mask")]).split("Portable state")[1]
+    assert "| from \\ to | reference | other |" in portable
+    assert "reference-again" not in portable
