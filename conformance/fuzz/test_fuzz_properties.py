@@ -12,6 +12,7 @@ import pytest
 
 from maskbn_conformance import fuzz
 from maskbn_conformance.adapter import Unsupported
+from maskbn_conformance.pytest_plugin import settle_known_bugs
 
 
 def _property(prop: str, loaded, hypothesis_settings, fuzz_results: list, **options) -> None:
@@ -61,7 +62,4 @@ def test_known_bugs(maskbn_backend, fuzz_settings, fuzz_results):
     (a fix makes this test fail, asking to remove the entry); a visible skip when there is none."""
     results = fuzz.check_known_bugs(maskbn_backend, fuzz_settings)
     fuzz_results.extend(results)
-    if not results:
-        pytest.skip(f"the expectations of {maskbn_backend.name} list no known fuzz bug (input: <kind>)")
-    else:
-        pytest.xfail("; ".join(f"{r.prop}: {r.xfail_reason}" for r in results))
+    settle_known_bugs(maskbn_backend, results)

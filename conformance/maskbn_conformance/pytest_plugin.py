@@ -14,6 +14,7 @@ Without ``--backend`` every installed backend runs. Any test that takes a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -194,6 +195,14 @@ def fuzz_available() -> bool:
     return True
 
 
+def settle_known_bugs(loaded: LoadedBackend, results: list) -> NoReturn:
+    """The outcome of a backend's known fuzz bugs (``fuzz.check_known_bugs``, each still
+    falsifying its property): a strict xfail naming them, or a visible skip when there is none."""
+    if results:
+        pytest.xfail("; ".join(f"{r.prop}: {r.xfail_reason}" for r in results))
+    pytest.skip(f"the expectations of {loaded.name} list no known fuzz bug (input: <kind>)")
+
+
 class FuzzItem(pytest.Item):
     """One part of the bounded fuzz pass on one backend: a property (``size``
     derandomized examples), its known bugs (``prop`` None), or the long run
@@ -220,9 +229,7 @@ class FuzzItem(pytest.Item):
                 except CheckFailed as exc:
                     self.xpassed = str(exc)
                     pytest.fail(f"[xpassed] {exc}", pytrace=False)
-                if self.results:
-                    pytest.xfail("; ".join(f"{r.prop}: {r.xfail_reason}" for r in self.results))
-                pytest.skip(f"the expectations of {self.loaded.name} list no known fuzz bug")
+                settle_known_bugs(self.loaded, self.results)
             result = fuzz.PropertyResult(self.loaded.name, self.prop)
             self.results = [result]
             try:
