@@ -195,6 +195,11 @@ def _gathers_rows(x: Tensor, m: Tensor | None, axis: int, group: Any) -> bool:
     return m.shape[axis] == 1
 
 
+def _records_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call: grad mode on and some input requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _mask_is_moot(
     m: Tensor,
     x: Tensor,
@@ -218,7 +223,7 @@ def _mask_is_moot(
     if _forward_mode_active(m, *tensors):
         return False, None  # a tangent or a vmapped mask: no host read, keep the masked path
     if not training and padded_output == "normalize":
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        if not _records_graph(*tensors):
             return True, None
     if process_group is not None or not _runs_eagerly(x):
         return False, None
@@ -275,6 +280,11 @@ def _scatter_rows(rows: Tensor, like: Tensor, m: Tensor | None, axis: int, index
 _CHUNK_BYTES = 2 << 20
 
 
+def _chunk_step(per: int, acc: torch.dtype) -> int:
+    """Leading-axis entries per chunk, ``per`` elements each in ``acc``: at least one."""
+    return max(1, _CHUNK_BYTES // (per * acc.itemsize))
+
+
 def _chunked_moments(
     src: Tensor, stat_shape: tuple[int, ...], acc: torch.dtype, m3: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -306,7 +316,7 @@ def _chunked_moments(
     per = src[0].numel()  # elements of one position (rows) or one sample (N, C, L)
     length = per // src.shape[1]  # positions per sample: 1 for rows
     total = src.shape[0]
-    step = max(1, _CHUNK_BYTES // (per * torch.empty((), dtype=acc).element_size()))
+    step = _chunk_step(per, acc)
     work = torch.empty((min(step, total), *src.shape[1:]), dtype=acc, device=src.device)
     starts = range(0, total, step)
     sums = torch.empty((2, len(starts), src.shape[1]), dtype=acc, device=src.device)
@@ -676,6 +686,14 @@ def _native_normalize(
     return torch.batch_norm(x.movedim(axis, 1), weight, bias, *stats, False, 0.0, eps, False).movedim(1, axis)
 
 
+def _kernel_inputs(dy: Tensor, x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """dy and x as native batch norm's backward kernel takes them: float16/bfloat16 as they are
+    (it computes in float32 with float32 statistics and weight), anything else cast to ``acc``."""
+    if acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and dy.dtype == x.dtype:
+        return dy, x
+    return dy.to(acc), x.to(acc)
+
+
 def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count, index) -> tuple[Tensor | None, ...]:
     """The backward on the gathered real rows: native batch norm's backward kernel on (n, C).
 
@@ -690,11 +708,7 @@ def _row_backward(ctx, grad_out, x, weight, bias, m, mean, var, invstd, count, i
     axis = ctx.axis
     if index is None and m is not None and _rows_2d(x.movedim(axis, -1)) is not None:
         index = _real_index(m, axis)
-    mixed = acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and grad_out.dtype == x.dtype
-    dy_rows = _real_rows(grad_out, m, axis, index)
-    x_rows = _real_rows(x, m, axis, index)
-    if not mixed:
-        dy_rows, x_rows = dy_rows.to(acc), x_rows.to(acc)
+    dy_rows, x_rows = _kernel_inputs(_real_rows(grad_out, m, axis, index), _real_rows(x, m, axis, index), acc)
     w = None if weight is None else weight.to(acc)
     train = count is not None
     mean_v, var_v, invstd_v = mean.reshape(-1), var.reshape(-1), invstd.reshape(-1)
@@ -717,12 +731,9 @@ def _samples_backward(ctx, grad_out, x, weight, bias, mean, var, invstd, count) 
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     acc = mean.dtype
     axis = ctx.axis
-    mixed = acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and grad_out.dtype == x.dtype
     x3 = _samples_3d(x, axis)
     assert x3 is not None
-    dy3 = grad_out.movedim(axis, 1).reshape(x3.shape)
-    if not mixed:
-        dy3, x3 = dy3.to(acc), x3.to(acc)
+    dy3, x3 = _kernel_inputs(grad_out.movedim(axis, 1).reshape(x3.shape), x3, acc)
     w = None if weight is None else weight.to(acc)
     grad_x, grad_w, _ = _native_backward(
         dy3, x3, w, mean.reshape(-1), var.reshape(-1), invstd.reshape(-1), count is not None, ctx.eps, need_x, need_w
@@ -748,7 +759,7 @@ def _masked_samples_backward(ctx, grad_out, x, weight, bias, x3, m3, mean, invst
     dy3 = grad_out.movedim(axis, 1).reshape(x3.shape)
     keep = _keep_bits(m3, acc)
     channels = x3.shape[1]
-    step = max(1, _CHUNK_BYTES // (x3[0].numel() * torch.empty((), dtype=acc).element_size()))
+    step = _chunk_step(x3[0].numel(), acc)
     starts = range(0, x3.shape[0], step)
     dy_work = torch.empty((min(step, x3.shape[0]), *x3.shape[1:]), dtype=acc, device=x.device)
     x_work = torch.empty_like(dy_work)
@@ -993,9 +1004,7 @@ def masked_batch_norm(
     )
     if _forward_mode_active(input, weight, bias):
         return _composite(*args)
-    if _runs_eagerly(input) and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    ):
+    if _runs_eagerly(input) and not _records_graph(input, weight, bias):
         # no graph to record (inference, torch.no_grad): the forward without autograd.Function's
         # per-call cost (about 40 us, 2-4 % of native inference at the benchmark's shapes)
         return _normalize(input, weight, bias, m, mean, var, float(eps), padded_output == "zero", axis, stat_shape)
