@@ -15,6 +15,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -70,6 +71,17 @@ def _flax_available() -> bool:
     return True
 
 
+_JITTED: dict[tuple, dict[bool, Callable]] = {}
+
+
+def _jitted(key: tuple, build: Callable[[], dict[bool, Callable]]) -> dict[bool, Callable]:
+    """The jitted (training, inference) pair for ``key``, built on first use: jax.jit caches
+    compilations per function object, so layers of one config share one."""
+    if key not in _JITTED:
+        _JITTED[key] = build()
+    return _JITTED[key]
+
+
 class _Base(AdapterLayer, abc.ABC):
     """State handling and I/O shared by the masked and the stock layer."""
 
@@ -109,9 +121,11 @@ class _Base(AdapterLayer, abc.ABC):
         """The pure call ``(x, mask, params, state) -> (y, new_state)``; with ``axis_name``
         the statistics merge across that mapped axis (run under shard_map)."""
 
-    @functools.cached_property
+    @property
     def _fns(self):
-        return {training: jax.jit(self._body(training)) for training in (True, False)}
+        # one jitted pair per layer type and config, shared by every layer of them: a new
+        # jax.jit per layer compiled again for each (the spec builds many layers of one config)
+        return _jitted((type(self), self.config), lambda: {t: jax.jit(self._body(t)) for t in (True, False)})
 
     def _call(self, x, mask, training, params=None):
         return self._fns[training](x, mask, self.params if params is None else params, self.state)
@@ -304,7 +318,7 @@ class JaxShardedLayer(ShardedLayer):
         self.one = layer_type(config)
         self.mesh = jax.make_mesh((num_shards,), ("shards",), axis_types=(AxisType.Auto,), devices=devices[:num_shards])
 
-    @functools.cached_property
+    @property
     def _fns(self):
         def build(training):
             sharded = jax.shard_map(
@@ -315,7 +329,8 @@ class JaxShardedLayer(ShardedLayer):
             )
             return jax.jit(sharded)
 
-        return {training: build(training) for training in (True, False)}
+        key = (type(self.one), self.config, len(self.mesh.devices))
+        return _jitted(key, lambda: {training: build(training) for training in (True, False)})
 
     def _stack(self, arrays, fill_mask: bool):
         """Pad every shard to the largest along axis 0 and concatenate; also returns the sizes."""
