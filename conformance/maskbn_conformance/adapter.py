@@ -251,6 +251,24 @@ class ShardedLayer:
         """Release processes or devices the layer holds (nothing by default)."""
 
 
+class ReplicatedLayer(ShardedLayer):
+    """Shards on the devices of one process, every replica reading the weights of one layer,
+    ``one``: the state is that layer's. Closing drops it; the devices belong to the process."""
+
+    one: Layer | None
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        assert self.one is not None, "the layer is closed"
+        return self.one.get_state()
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        assert self.one is not None, "the layer is closed"
+        self.one.set_state(state)
+
+    def close(self) -> None:
+        self.one = None
+
+
 class Backend:
     """A framework's entry point into the harness: subclass it, set the class
     attributes and implement ``layer``; the optional capabilities below raise

@@ -30,8 +30,8 @@ from maskbn_conformance.adapter import (
     Gradients,
     LayerConfig,
     Output,
+    ReplicatedLayer,
     ShardedGradients,
-    ShardedLayer,
     Unsupported,
 )
 
@@ -294,7 +294,7 @@ def request_shard_devices() -> bool:
     return len(jax.devices("cpu")) >= SHARD_DEVICES
 
 
-class JaxShardedLayer(ShardedLayer):
+class JaxShardedLayer(ReplicatedLayer):
     """One layer replicated over ``num_shards`` CPU devices with ``jax.shard_map``; the
     statistics merge across the mapped axis ``"shards"`` (ours: ``masked_batch_norm(...,
     axis_name=)``, two psums; a Flax module: its own ``axis_name``).
@@ -377,16 +377,6 @@ class JaxShardedLayer(ShardedLayer):
                 beta=np.asarray(dparams["bias"]) if "bias" in dparams else None,
             )
             return self._split(y, sizes, width), grads
-
-    def get_state(self):
-        return self.one.get_state()
-
-    def set_state(self, state):
-        self.one.set_state(state)
-
-    def close(self) -> None:
-        # the CPU devices belong to the process; nothing else is held
-        self.one = None
 
 
 class JaxBackend(Backend):

@@ -18,8 +18,8 @@ from maskbn_conformance.adapter import (
     Backend,
     Gradients,
     LayerConfig,
+    ReplicatedLayer,
     ShardedGradients,
-    ShardedLayer,
     Unsupported,
 )
 
@@ -238,7 +238,7 @@ def _config_of(layer, rank: int, dtype: str) -> LayerConfig:
     )
 
 
-class TFShardedLayer(ShardedLayer):
+class TFShardedLayer(ReplicatedLayer):
     """One synchronized layer replicated over a MirroredStrategy of logical CPU devices."""
 
     def __init__(self, backend: TFBackend, config: LayerConfig, num_shards: int):
@@ -257,7 +257,7 @@ class TFShardedLayer(ShardedLayer):
             [d.name for d in devices[:num_shards]], cross_device_ops=tf.distribute.ReductionToOneDevice()
         )
         with self.strategy.scope():
-            self._one = backend.layer(config, synchronized=True)
+            self.one = backend.layer(config, synchronized=True)
 
     def _distribute(self, values):
         return self.strategy.experimental_distribute_values_from_function(
@@ -270,7 +270,7 @@ class TFShardedLayer(ShardedLayer):
         return [self.strategy.experimental_local_results(r) for r in results]
 
     def forward(self, xs, x_dtype, masks, training):
-        one = self._one
+        one = self.one
         x_t = [one._tensor(x, x_dtype) for x in xs]
         if masks[0] is None:
             (ys,) = self._run(lambda x: (one._call(x, None, training),), x_t)
@@ -279,7 +279,7 @@ class TFShardedLayer(ShardedLayer):
         return [one._output(y) for y in ys]
 
     def forward_backward(self, xs, x_dtype, masks, dys):
-        one, tf = self._one, self._tf
+        one, tf = self.one, self._tf
         weights = [w for w in (one.layer.gamma, one.layer.beta) if w is not None]
 
         def step(x, dy, m=None):
@@ -300,16 +300,6 @@ class TFShardedLayer(ShardedLayer):
             for dx, g, b in zip(dxs, dgammas, dbetas, strict=True)
         ]
         return [one._output(y) for y in ys], ShardedGradients.of_replicas(replicas)
-
-    def get_state(self):
-        return self._one.get_state()
-
-    def set_state(self, state):
-        self._one.set_state(state)
-
-    def close(self) -> None:
-        # the logical devices belong to the process; only the layer goes
-        self._one = None
 
 
 class TFBackend(Backend):
