@@ -79,6 +79,12 @@ def _forms() -> tuple[str, ...]:
     return FORMS if _on_tensorflow() else FORMS[:1]
 
 
+def _keras_kwargs(config: LayerConfig, synchronized: bool) -> dict:
+    """The keywords Keras' BatchNormalization and ours share, for a config."""
+    return {"axis": config.axis, "momentum": config.decay, "epsilon": config.epsilon, "center": config.center,
+            "scale": config.scale, "synchronized": synchronized, "dtype": _POLICIES[config.dtype]}  # fmt: skip
+
+
 def _moving_var_knob(config: LayerConfig) -> dict[str, bool]:
     # Keras' own default is the population variance: only the other convention is spelled out
     return {"unbiased_moving_variance": True} if config.moving_var == "unbiased" else {}
@@ -340,15 +346,7 @@ class TFBackend(Backend):
         from maskbn_tf import MaskedBatchNormalization
 
         layer = MaskedBatchNormalization(
-            axis=config.axis,
-            momentum=config.decay,
-            epsilon=config.epsilon,
-            center=config.center,
-            scale=config.scale,
-            padded_output=config.padded_output,
-            synchronized=synchronized,
-            dtype=_POLICIES[config.dtype],
-            **_moving_var_knob(config),
+            padded_output=config.padded_output, **_keras_kwargs(config, synchronized), **_moving_var_knob(config)
         )
         return self._build(layer, config)
 
@@ -392,15 +390,7 @@ class TFBackend(Backend):
 
     def stock_layer(self, config: LayerConfig, synchronized: bool = False) -> TFLayer:
         self._check_dtype(config)
-        layer = self._keras.layers.BatchNormalization(
-            axis=config.axis,
-            momentum=config.decay,
-            epsilon=config.epsilon,
-            center=config.center,
-            scale=config.scale,
-            synchronized=synchronized,
-            dtype=_POLICIES[config.dtype],
-        )
+        layer = self._keras.layers.BatchNormalization(**_keras_kwargs(config, synchronized))
         return self._build(layer, config)
 
     def process_variants(self) -> dict[str, dict[str, str]]:
