@@ -688,11 +688,15 @@ def _native_normalizes(
 def _native_normalize(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float, axis: int
 ) -> Tensor:
-    xl = x.movedim(axis, -1)
-    rows = _rows_2d(xl)
     stats = (mean.reshape(-1), var.reshape(-1))
+    if axis == 1 and x.is_contiguous():  # channels first: batch norm's own layout, no view to try
+        return torch.batch_norm(x, weight, bias, *stats, False, 0.0, eps, False)
+    last = axis == x.dim() - 1
+    xl = x if last else x.movedim(axis, -1)
+    rows = _rows_2d(xl)
     if rows is not None:  # channels last: batch norm's own channels-last kernel on the (P, C) view
-        return torch.batch_norm(rows, weight, bias, *stats, False, 0.0, eps, False).view(xl.shape).movedim(-1, axis)
+        y = torch.batch_norm(rows, weight, bias, *stats, False, 0.0, eps, False).view(xl.shape)
+        return y if last else y.movedim(-1, axis)
     return torch.batch_norm(x.movedim(axis, 1), weight, bias, *stats, False, 0.0, eps, False).movedim(1, axis)
 
 
@@ -943,7 +947,7 @@ def masked_batch_norm(
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        if t is not None and _shape(t) != (channels,):
+        if t is not None and t.shape != (channels,):
             raise ChannelMismatchError(
                 f"x shape {_shape(input)} has {channels} channels at axis {axis}, but {name} has shape {_shape(t)}"
             )
