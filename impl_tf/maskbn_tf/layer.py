@@ -336,7 +336,7 @@ class MaskedBatchNormalization(keras.layers.Layer):
         bshape = [self.channels if i == axis else 1 for i in range(rank)]
 
         def per_channel(v):
-            return ops.reshape(ops.cast(v, cdt), bshape)
+            return masked_ops.reshape(ops.cast(v, cdt), bshape)
 
         moving_mean = per_channel(self.moving_mean)
         moving_var = per_channel(self.moving_variance)
@@ -386,10 +386,10 @@ class MaskedBatchNormalization(keras.layers.Layer):
     def _renorm_corrections(self, mean, variance, has_rows, cdt):
         """Batch renormalization's (r, d), as Keras computes them, from the masked batch statistics."""
         stddev = ops.sqrt(variance + self.epsilon)
-        shape = ops.shape(mean)
-        renorm_mean = ops.reshape(ops.cast(self.renorm_mean, cdt), shape)
+        shape = masked_ops.shape_of(mean)
+        renorm_mean = masked_ops.reshape(ops.cast(self.renorm_mean, cdt), shape)
         renorm_stddev = ops.maximum(
-            ops.reshape(ops.cast(self.renorm_stddev, cdt), shape), ops.cast(np.sqrt(self.epsilon), cdt)
+            masked_ops.reshape(ops.cast(self.renorm_stddev, cdt), shape), ops.cast(np.sqrt(self.epsilon), cdt)
         )
         r = stddev / renorm_stddev
         d = (mean - renorm_mean) / renorm_stddev
@@ -427,9 +427,9 @@ class MaskedBatchNormalization(keras.layers.Layer):
             self.moving_variance.assign(ops.cast(ops.relu(stddev * stddev - self.epsilon), self.moving_variance.dtype))
 
     def _assign_moving(self, variable, batch, momentum, has_rows, cdt):
-        moving = ops.reshape(ops.cast(variable, cdt), ops.shape(batch))
+        moving = masked_ops.reshape(ops.cast(variable, cdt), masked_ops.shape_of(batch))
         new = ops.where(has_rows, moving * momentum + batch * (1.0 - momentum), moving)
-        variable.assign(ops.cast(ops.reshape(new, (self.channels,)), variable.dtype))
+        variable.assign(ops.cast(masked_ops.reshape(new, (self.channels,)), variable.dtype))
 
     def _replica_sum(self):
         """f(*tensors) -> the tensors summed over the replicas that share the batch statistics.
