@@ -1,5 +1,5 @@
 """Keras 3 / TensorFlow competitors: maskbn_tf vs keras BatchNormalization (with and without its
-mask argument), gather/BN/scatter and x * a + b; tf.function and tf.function(jit_compile=True)."""
+mask argument), gather/BN/scatter and x * a + b; eager, tf.function and tf.function(jit_compile=True)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,12 @@ class Backend:
             "masked": fwd(lambda x, m: masked(x, training=train, mask=m), masked.trainable_variables),
             "floor": fwd(floor, [fw, fb]),
         }
-        compile_ = (lambda f: tf.function(f, jit_compile=True)) if jit else tf.function
+
+        def compile_(f):
+            if form == "eager":  # Keras op by op, as a custom loop without tf.function or run_eagerly=True
+                return f
+            return tf.function(f, jit_compile=True) if jit else tf.function(f)
+
         fns = {k: compile_(f) for k, f in fns.items()}
         if jit:
             # XLA needs static shapes: the real rows are found outside, each count compiles once

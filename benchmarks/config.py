@@ -52,7 +52,7 @@ IMPL_DETAILS = {
 #: the forms timed per backend: key -> label. "compiled" is the form the targets are about.
 FORMS = {
     "torch": {"eager": "eager", "compiled": "torch.compile"},
-    "tf": {"graph": "tf.function", "compiled": "tf.function(jit_compile=True)"},
+    "tf": {"eager": "eager", "graph": "tf.function", "compiled": "tf.function(jit_compile=True)"},
     "jax": {"compiled": "jax.jit"},
 }
 
