@@ -13,9 +13,10 @@ Hypothesis's global registry: tox runs this folder in one session with
 impl_torch/tests, whose conftest registers and loads its own "ci" / "dev", and
 neither suite may change the other's settings.
 
-A profile's max_examples is scaled per backend by EXAMPLE_SCALE, because one
-example costs about 1 ms on torch and 0.3-1.5 s on JAX (which compiles per
-layer and shape); the summary at the end prints the inputs each property tried.
+A profile's max_examples is scaled by the backend's ``fuzz_example_scale`` (an
+adapter attribute), because one example costs about 1 ms on torch and 0.3-1.5 s
+on JAX (which compiles per layer and shape); the summary at the end prints the
+inputs each property tried.
 """
 
 from __future__ import annotations
@@ -27,17 +28,12 @@ from hypothesis import HealthCheck, settings
 
 from maskbn_conformance.fuzz import ci_settings
 
-#: examples per property in the ci profile, before EXAMPLE_SCALE
+#: examples per property in the ci profile, before the backend's fuzz_example_scale
 CI_EXAMPLES = 30
 #: examples of the differential property in each non-default form (torch compile,
 #: Keras function and xla): every example compiles afresh (seconds each on 2 cores),
 #: so few, and half of them at scale (fuzz.FORM_SCALE_SHARE), where compiled forms lose accuracy
 FORM_EXAMPLES = 6
-#: per-backend multiplier of the profile's max_examples (unknown backends: 1),
-#: from measured costs so each backend's whole fuzz folder takes 1-2 minutes on
-#: the 2-core CI machine (timings in conformance/fuzz/README.md)
-EXAMPLE_SCALE = {"reference": 3, "torch": 20, "tf": 4, "jax": 1.5}
-
 PROFILES = {
     "ci": ci_settings(CI_EXAMPLES),
     "dev": settings(
@@ -65,16 +61,18 @@ def fuzz_results() -> list:
 def fuzz_settings(maskbn_backend) -> settings:
     """The selected profile with max_examples scaled for this backend."""
     base = PROFILES[PROFILE]
-    scale = EXAMPLE_SCALE.get(maskbn_backend.name, 1)
-    return settings(base, max_examples=max(1, round(base.max_examples * scale)))
+    return settings(base, max_examples=max(1, round(base.max_examples * maskbn_backend.backend.fuzz_example_scale)))
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_terminal_summary(terminalreporter, config) -> None:
     if not _RESULTS:
         return
+    from maskbn_conformance.pytest_plugin import usable_backends
+
+    scales = {b.name: b.backend.fuzz_example_scale for b in usable_backends(config)}
     terminalreporter.section(
         f"maskbn fuzz (profile {PROFILE!r}: {PROFILES[PROFILE].max_examples} examples per property, "
-        f"scaled per backend by {EXAMPLE_SCALE})"
+        f"scaled per backend by its fuzz_example_scale: {scales})"
     )
     for result in _RESULTS:
         terminalreporter.write_line(result.summary())

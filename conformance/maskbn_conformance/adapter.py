@@ -293,6 +293,10 @@ class Backend:
     #: minutes per backend on 2 slow cores) lowers it, with its measurement.
     #: MASKBN_FUZZ_LONG_RUN_STEPS overrides every backend.
     long_run_steps: int = 10_000
+    #: multiplier of a fuzz profile's examples per property, from the backend's
+    #: measured cost per example (torch about 1 ms, JAX 0.3-1.5 s as it compiles per
+    #: layer and shape), so each backend's fuzz folder takes 1-2 minutes in CI
+    fuzz_example_scale: float = 1.0
 
     def layer(self, config: LayerConfig) -> Layer:
         """Build a masked batch norm layer; raise Unsupported for a dtype or

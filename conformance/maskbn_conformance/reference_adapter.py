@@ -233,6 +233,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     stock_moving_var = "population"
     forms = ("numpy",)
+    fuzz_example_scale = 3
 
     def layer(self, config: LayerConfig) -> ReferenceLayer:
         return ReferenceLayer(config)

@@ -386,6 +386,7 @@ class JaxBackend(Backend):
     stock_moving_var = "population"
     #: every call goes through jax.jit: JAX's one form (no eager form users run)
     forms = ("jit",)
+    fuzz_example_scale = 1.5
 
     def __init__(self):
         request_shard_devices()

@@ -318,6 +318,7 @@ class TFBackend(Backend):
     #: 3 000 calls still take each batch kind 1 000 times, and the float32 error bound of
     #: the moving average (decay 0.99) is at its steady state after about 700 calls.
     long_run_steps = 3_000
+    fuzz_example_scale = 4
 
     def __init__(self):
         self._keras = _keras()

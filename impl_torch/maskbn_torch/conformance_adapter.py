@@ -202,6 +202,7 @@ class TorchBackend(Backend):
     name = "torch"
     stock_moving_var = "unbiased"
     forms = FORMS
+    fuzz_example_scale = 20
 
     def layer(self, config: LayerConfig) -> TorchLayer:
         return torch_layer(masked_module(config), config.form)
